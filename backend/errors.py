@@ -1,0 +1,50 @@
+"""Typed errors. Each carries a one-line, user-facing message; callers print ``str(err)``."""
+
+from __future__ import annotations
+
+
+class SemlabelError(Exception):
+    """Base class of every error semlabel raises on purpose."""
+
+
+class ConfigError(SemlabelError):
+    """A configuration (settings file, label config, taxonomy) is invalid."""
+
+
+class BackboneUnavailable(SemlabelError):
+    """The requested backbone's weights cannot be loaded."""
+
+
+class ImageError(SemlabelError):
+    """An image could not be turned into pixels. ``source`` names the input."""
+
+    reason = "image error"
+
+    def __init__(self, source: str, detail: str = ""):
+        self.source = source
+        self.detail = detail
+        super().__init__(f"{source}: {self.reason}" + (f" ({detail})" if detail else ""))
+
+
+class ImageNotFound(ImageError):
+    reason = "file not found"
+
+
+class ImageUnreachable(ImageError):
+    reason = "could not be downloaded"
+
+
+class URLNotAllowed(ImageError):
+    reason = "URL not allowed (host is not in images.allowed_hosts)"
+
+
+class NotAnImage(ImageError):
+    reason = "not an image"
+
+
+class TruncatedImage(ImageError):
+    reason = "truncated or corrupt image"
+
+
+class ImageTooLarge(ImageError):
+    reason = "image too large"

@@ -1,0 +1,244 @@
+"""FeatureStore: image features computed once, shared by backend and worker.
+
+Layout: ``<root>/<backbone fingerprint>/<key[:2]>/<key>.npz`` where ``key`` is the SHA-256
+of the image bytes. Each file holds ``global [D]`` and ``local [P, D]`` (fp16 by default).
+
+Concurrency: a writer saves to a unique temporary file in the same directory and renames it
+over the final name (``os.replace`` is atomic on POSIX), so readers see either no file or a
+complete one, and two processes writing the same key both leave a valid file. A file that
+fails to load (e.g. written by a crashed older version) counts as a miss and is rewritten.
+
+Size: :meth:`FeatureStore.gc` deletes least-recently-used files until the store fits
+``features.max_size_gb``; it also runs every ``features.gc_every_writes`` writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import ImageError
+from .images import ImageBlob, decode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Features:
+    """Features of one image: global ``[D]`` and local ``[P, D]`` (float32 tensors)."""
+
+    key: str
+    global_: torch.Tensor
+    local: torch.Tensor
+
+
+def stack(features: Sequence[Features]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch: (global ``[B, D]``, local ``[B, P, D]``)."""
+    return (
+        torch.stack([f.global_ for f in features]),
+        torch.stack([f.local for f in features]),
+    )
+
+
+class FeatureStore:
+    """Content-addressed, on-disk cache of backbone features (see module docstring)."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        backbone,
+        dtype: str = "float16",
+        max_size_gb: float | None = None,
+        gc_every_writes: int = 2000,
+        max_pixels: int = 64_000_000,
+        batch_size: int = 16,
+    ):
+        self.root = Path(root)
+        self.backbone = backbone
+        self.dir = self.root / backbone.fingerprint
+        self.dtype = np.float16 if dtype == "float16" else np.float32
+        self.max_bytes = int(max_size_gb * 2**30) if max_size_gb else None
+        self.gc_every_writes = gc_every_writes
+        self.max_pixels = max_pixels
+        self.batch_size = batch_size
+        self._lock = threading.Lock()
+        self._writes_since_gc = 0
+        # Counters: how many images were served from disk / computed by the backbone.
+        self.hits = 0
+        self.computed = 0
+
+    @classmethod
+    def from_settings(cls, settings, backbone) -> "FeatureStore":
+        return cls(
+            settings.features_path,
+            backbone,
+            dtype=settings.features.dtype,
+            max_size_gb=settings.features.max_size_gb,
+            gc_every_writes=settings.features.gc_every_writes,
+            max_pixels=settings.images.max_pixels,
+            batch_size=settings.backbone.batch_size,
+        )
+
+    # -- single entries --------------------------------------------------------------
+    def path(self, key: str) -> Path:
+        return self.dir / key[:2] / f"{key}.npz"
+
+    def get(self, key: str) -> Features | None:
+        path = self.path(key)
+        try:
+            with np.load(path) as data:
+                global_, local = data["global"], data["local"]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            log.warning("feature file %s unreadable (%s); recomputing", path, exc)
+            return None
+        try:
+            os.utime(path)  # recency for the LRU clean-up
+        except OSError:
+            pass
+        return Features(key, torch.from_numpy(global_.astype(np.float32)), torch.from_numpy(local.astype(np.float32)))
+
+    def put(self, features: Features) -> None:
+        path = self.path(features.key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{features.key[:8]}-", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(
+                    fh,
+                    **{
+                        "global": features.global_.numpy().astype(self.dtype),
+                        "local": features.local.numpy().astype(self.dtype),
+                    },
+                )
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        with self._lock:
+            self._writes_since_gc += 1
+            due = self.max_bytes is not None and self._writes_since_gc >= self.gc_every_writes
+            if due:
+                self._writes_since_gc = 0
+        if due:
+            self.gc(self.max_bytes)
+
+    # -- batches -----------------------------------------------------------------------
+    def get_or_compute(
+        self, blobs: Sequence[ImageBlob | ImageError], progress: bool | None = None
+    ) -> list[Features | ImageError]:
+        """Features for each blob, in order. Errors pass through; decode errors appear in
+        place of the image that caused them and do not affect the others."""
+        out: list[Features | ImageError | None] = [None] * len(blobs)
+        todo: list[int] = []
+        for i, blob in enumerate(blobs):
+            if isinstance(blob, ImageError):
+                out[i] = blob
+                continue
+            cached = self.get(blob.key)
+            if cached is not None:
+                out[i] = cached
+                self.hits += 1
+            else:
+                todo.append(i)
+        if todo:
+            show = progress if progress is not None else len(todo) > self.batch_size
+            bar = tqdm(total=len(todo), desc="image features", unit="img", disable=not show)
+            # Same bytes twice in one call: compute once.
+            first_of: dict[str, int] = {}
+            for start in range(0, len(todo), self.batch_size):
+                batch = todo[start : start + self.batch_size]
+                images, owners = [], []
+                for i in batch:
+                    blob = blobs[i]
+                    if blob.key in first_of:
+                        continue
+                    try:
+                        images.append(decode(blob, self.max_pixels))
+                    except ImageError as err:
+                        out[i] = err
+                        continue
+                    first_of[blob.key] = i
+                    owners.append(i)
+                if images:
+                    t0 = time.perf_counter()
+                    global_, local = self.backbone.encode_images(images)
+                    log.debug("encoded %d images in %.2fs", len(images), time.perf_counter() - t0)
+                    for j, i in enumerate(owners):
+                        feats = Features(blobs[i].key, global_[j], local[j])
+                        self.put(feats)
+                        out[i] = feats
+                    self.computed += len(images)
+                bar.update(len(batch))
+            bar.close()
+            for i in todo:
+                if out[i] is None:  # a duplicate of an earlier blob in this call
+                    out[i] = out[first_of[blobs[i].key]]
+        return out  # type: ignore[return-value]
+
+    def load_many(self, keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked features of already-cached keys; raises KeyError naming a missing one."""
+        feats = []
+        for key in keys:
+            f = self.get(key)
+            if f is None:
+                raise KeyError(f"features of {key} are not in the store {self.dir}")
+            feats.append(f)
+        return stack(feats)
+
+    # -- housekeeping ------------------------------------------------------------------
+    def entries(self) -> list[tuple[Path, os.stat_result]]:
+        out = []
+        if not self.root.exists():
+            return out
+        for path in self.root.glob("*/*/*.npz"):
+            try:
+                out.append((path, path.stat()))
+            except FileNotFoundError:
+                pass
+        return out
+
+    def size_bytes(self) -> int:
+        return sum(st.st_size for _, st in self.entries())
+
+    def gc(self, max_bytes: int | None = None, max_age_s: float | None = None) -> dict:
+        """Delete least-recently-used feature files (all backbones) until the store is at
+        most ``max_bytes``, and any older than ``max_age_s``. Stale temp files go too."""
+        now = time.time()
+        removed = freed = 0
+        for tmp in self.root.glob("*/*/.*.tmp") if self.root.exists() else []:
+            try:
+                if now - tmp.stat().st_mtime > 3600:
+                    tmp.unlink()
+            except FileNotFoundError:
+                pass
+        entries = sorted(self.entries(), key=lambda e: e[1].st_mtime)
+        total = sum(st.st_size for _, st in entries)
+        for path, st in entries:
+            too_big = max_bytes is not None and total > max_bytes
+            too_old = max_age_s is not None and now - st.st_mtime > max_age_s
+            if not (too_big or too_old):
+                break  # entries are oldest first: the rest are newer and fit
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            total -= st.st_size
+            freed += st.st_size
+            removed += 1
+        return {"removed": removed, "freed_bytes": freed, "remaining_bytes": total}

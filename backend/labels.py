@@ -1,0 +1,265 @@
+"""Labels as the model sees them: names, prompt texts, text embeddings, taxonomy.
+
+A :class:`Label` is a name plus optional extra texts (Label Studio ``alias``/``hint``,
+descriptions, synonyms). Its embedding is the normalised weighted mean of the prompt
+ensemble over all its texts (``configs: prompts``). Embeddings are cached on disk by
+(text encoder, text), so adding a label costs one encoder call for the new texts only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sqlite3
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Label:
+    """One label: its name (what Label Studio stores) and extra prompt texts."""
+
+    name: str
+    texts: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ConfigError(f"label name must be a non-empty string, got {self.name!r}")
+
+    @classmethod
+    def coerce(cls, value: "Label | str") -> "Label":
+        return value if isinstance(value, Label) else cls(str(value))
+
+
+class TextEmbeddingCache:
+    """SQLite-backed cache of text embeddings keyed by (encoder fingerprint, text).
+
+    SQLite serialises writers across processes; WAL lets readers proceed meanwhile.
+    """
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path else None
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self.hits = 0
+        self.misses = 0
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            if self.path is None:
+                self._conn = sqlite3.connect(":memory:", check_same_thread=False)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._conn = sqlite3.connect(str(self.path), timeout=30, check_same_thread=False)
+                self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute(
+                "CREATE TABLE IF NOT EXISTS text_embedding ("
+                " encoder TEXT NOT NULL, text_hash TEXT NOT NULL, dim INTEGER NOT NULL,"
+                " vector BLOB NOT NULL, PRIMARY KEY (encoder, text_hash))"
+            )
+            self._conn.commit()
+        return self._conn
+
+    @staticmethod
+    def _hash(text: str) -> str:
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def get_or_compute(
+        self,
+        encoder: str,
+        texts: Sequence[str],
+        compute: Callable[[list[str]], torch.Tensor],
+    ) -> torch.Tensor:
+        """Embeddings ``[len(texts), D]`` (float32), computing only the missing texts."""
+        unique = list(dict.fromkeys(texts))
+        found: dict[str, np.ndarray] = {}
+        with self._lock:
+            db = self._db()
+            hashes = {t: self._hash(t) for t in unique}
+            for start in range(0, len(unique), 500):
+                chunk = unique[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = db.execute(
+                    f"SELECT text_hash, dim, vector FROM text_embedding WHERE encoder=? "
+                    f"AND text_hash IN ({marks})",
+                    [encoder, *(hashes[t] for t in chunk)],
+                ).fetchall()
+                by_hash = {h: np.frombuffer(v, dtype=np.float32).reshape(d) for h, d, v in rows}
+                for t in chunk:
+                    if hashes[t] in by_hash:
+                        found[t] = by_hash[hashes[t]]
+        missing = [t for t in unique if t not in found]
+        self.hits += len(unique) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            vectors = compute(missing).detach().float().cpu().numpy()
+            with self._lock:
+                db = self._db()
+                db.executemany(
+                    "INSERT OR REPLACE INTO text_embedding VALUES (?, ?, ?, ?)",
+                    [
+                        (encoder, self._hash(t), v.shape[0], v.astype(np.float32).tobytes())
+                        for t, v in zip(missing, vectors)
+                    ],
+                )
+                db.commit()
+            found.update(zip(missing, vectors))
+        return torch.from_numpy(np.stack([found[t] for t in texts]).astype(np.float32))
+
+
+@dataclass
+class LabelSpace:
+    """An ordered label list with its text embeddings ``H [C, D]``."""
+
+    labels: list[Label]
+    embeddings: torch.Tensor  # [C, D], L2-normalised
+    taxonomy: "Taxonomy | None" = None
+    encoder: str = ""
+    index: dict[str, int] = field(init=False)
+
+    def __post_init__(self):
+        self.index = {label.name: i for i, label in enumerate(self.labels)}
+        if len(self.index) != len(self.labels):
+            dupes = sorted({l.name for l in self.labels if sum(m.name == l.name for m in self.labels) > 1})
+            raise ConfigError(f"duplicate label names: {dupes}")
+
+    @property
+    def names(self) -> list[str]:
+        return [label.name for label in self.labels]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @classmethod
+    def build(
+        cls,
+        labels: Iterable[Label | str],
+        backbone,
+        cache: TextEmbeddingCache,
+        templates: Sequence[str],
+        name_weight: float = 1.0,
+        taxonomy: "Taxonomy | None" = None,
+    ) -> "LabelSpace":
+        labels = [Label.coerce(l) for l in labels]
+        if not labels:
+            raise ConfigError("a label space needs at least one label")
+        embeddings = embed_labels(labels, backbone, cache, templates, name_weight)
+        return cls(labels, embeddings, taxonomy, encoder=backbone.text_fingerprint)
+
+
+def prompt_texts(label: Label, templates: Sequence[str], name_weight: float) -> list[tuple[str, float]]:
+    """(prompt, weight) pairs for one label: every template × (name and each extra text)."""
+    pairs: list[tuple[str, float]] = []
+    for i, text in enumerate((label.name, *label.texts)):
+        weight = name_weight if i == 0 else 1.0
+        for template in templates:
+            pairs.append((template.format(text) if "{}" in template else f"{template} {text}", weight))
+    return pairs
+
+
+def embed_labels(
+    labels: Sequence[Label],
+    backbone,
+    cache: TextEmbeddingCache,
+    templates: Sequence[str],
+    name_weight: float = 1.0,
+) -> torch.Tensor:
+    """``[C, D]`` label embeddings (weighted prompt-ensemble means, L2-normalised)."""
+    per_label = [prompt_texts(label, templates, name_weight) for label in labels]
+    flat = [text for pairs in per_label for text, _ in pairs]
+    vectors = cache.get_or_compute(backbone.text_fingerprint, flat, backbone.encode_texts)
+    out, start = [], 0
+    for pairs in per_label:
+        weights = torch.tensor([w for _, w in pairs], dtype=torch.float32)
+        chunk = vectors[start : start + len(pairs)]
+        start += len(pairs)
+        out.append((weights[:, None] * chunk).sum(0) / weights.sum())
+    return F.normalize(torch.stack(out), dim=-1)
+
+
+class Taxonomy:
+    """A label tree read from YAML (format documented in ``configs/taxonomy.example.yaml``).
+
+    The YAML is a nested mapping; a key is an inner node, a list holds leaves, and a
+    mapping value of ``null`` is a leaf too::
+
+        clothing:
+          tops: [T-shirt/top, Pullover, Shirt, Coat]
+          footwear: [Sandal, Sneaker, Ankle boot]
+    """
+
+    ROOT = "<root>"
+
+    def __init__(self, parent: dict[str, str]):
+        self.parent = parent
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Taxonomy":
+        import yaml
+
+        with open(path, encoding="utf-8") as fh:
+            tree = yaml.safe_load(fh)
+        return cls.from_tree(tree)
+
+    @classmethod
+    def from_tree(cls, tree) -> "Taxonomy":
+        parent: dict[str, str] = {}
+
+        def walk(node, up: str):
+            if node is None:
+                return
+            if isinstance(node, str):
+                add(node, up)
+            elif isinstance(node, list):
+                for item in node:
+                    walk(item, up)
+            elif isinstance(node, dict):
+                for key, child in node.items():
+                    add(str(key), up)
+                    walk(child, str(key))
+            else:
+                raise ConfigError(f"taxonomy: unexpected {type(node).__name__} under {up!r}")
+
+        def add(name: str, up: str):
+            if name in parent and parent[name] != up:
+                raise ConfigError(f"taxonomy: {name!r} appears under both {parent[name]!r} and {up!r}")
+            parent[name] = up
+
+        walk(tree, cls.ROOT)
+        if not parent:
+            raise ConfigError("taxonomy is empty")
+        return cls(parent)
+
+    def path(self, name: str) -> list[str]:
+        """Root-to-node path (without the synthetic root); ``[name]`` for unknown names."""
+        if name not in self.parent:
+            return [name]
+        out = [name]
+        while self.parent.get(out[-1], self.ROOT) != self.ROOT:
+            out.append(self.parent[out[-1]])
+        return out[::-1]
+
+    def lca_distance(self, a: str, b: str) -> int:
+        """Height of the lowest common ancestor above the deeper node (0 when a == b).
+
+        This is the mistake severity of Bertinetto et al. used by Perotti et al.
+        """
+        if a == b:
+            return 0
+        pa, pb = [self.ROOT, *self.path(a)], [self.ROOT, *self.path(b)]
+        common = 0
+        for x, y in zip(pa, pb):
+            if x != y:
+                break
+            common += 1
+        return max(len(pa), len(pb)) - common

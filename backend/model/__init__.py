@@ -1,0 +1,1 @@
+"""Heads on top of the frozen backbone: zero-shot, SigRL (GMC + SVFR), suggestions."""

@@ -1,0 +1,98 @@
+"""What the backend asks of a model: probabilities, and suggestions with reasons.
+
+A :class:`Predictor` scores any label space (labels it never saw included) from cached
+features. :class:`Suggestion` and :class:`Reasons` are plain data; the Label Studio layer
+renders them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+
+from ..features import Features
+from ..labels import LabelSpace
+
+
+@dataclass
+class Reasons:
+    """Why a label is suggested.
+
+    - ``visual``: the model's probability from the image alone (no known labels);
+    - ``zero_shot``: the backbone's zero-shot probability;
+    - ``co_occurring``: chosen labels that support it, with the co-occurrence strength
+      ``P(label | chosen)`` measured on the annotations;
+    - ``neighbours``: its nearest labels in text-embedding space, with cosine similarity;
+    - ``taxonomy_path``: root-to-label path when a taxonomy is configured.
+    """
+
+    visual: float
+    zero_shot: float
+    co_occurring: list[tuple[str, float]] = field(default_factory=list)
+    neighbours: list[tuple[str, float]] = field(default_factory=list)
+    taxonomy_path: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Suggestion:
+    label: str
+    probability: float
+    reasons: Reasons
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Predictor(ABC):
+    """A servable model. ``version`` names it in Label Studio predictions."""
+
+    version: str
+
+    @abstractmethod
+    def probabilities(
+        self,
+        features: Sequence[Features],
+        space: LabelSpace,
+        known: Sequence[Sequence[str]] | None = None,
+    ) -> torch.Tensor:
+        """``[B, C]`` probabilities; ``known[b]`` are labels already chosen for image b
+        (a conditional model uses them; labels not in ``space`` are ignored)."""
+
+    @abstractmethod
+    def suggest(
+        self,
+        features: Sequence[Features],
+        space: LabelSpace,
+        known: Sequence[Sequence[str]],
+        top_k: int,
+        min_probability: float = 0.0,
+    ) -> list[list[Suggestion]]:
+        """For each image, up to ``top_k`` labels not in ``known[b]``, most likely first."""
+
+
+def text_neighbours(space: LabelSpace, index: int, n: int) -> list[tuple[str, float]]:
+    """The ``n`` labels of ``space`` closest to label ``index`` in text-embedding space."""
+    if n <= 0 or len(space) < 2:
+        return []
+    sims = space.embeddings @ space.embeddings[index]
+    sims[index] = -2.0
+    top = sims.topk(min(n, len(space) - 1))
+    return [(space.names[j], round(float(s), 4)) for s, j in zip(top.values, top.indices)]
+
+
+def taxonomy_path(space: LabelSpace, index: int) -> list[str]:
+    return space.taxonomy.path(space.names[index]) if space.taxonomy is not None else []
+
+
+def known_mask(space: LabelSpace, known: Sequence[Sequence[str]] | None, batch: int) -> torch.Tensor:
+    """``[B, C]`` 0/1 matrix of known labels (names outside ``space`` are ignored)."""
+    mask = torch.zeros(batch, len(space))
+    for b, names in enumerate(known or []):
+        for name in names:
+            j = space.index.get(name)
+            if j is not None:
+                mask[b, j] = 1.0
+    return mask
