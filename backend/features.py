@@ -180,7 +180,13 @@ class FeatureStore:
                     global_, local = self.backbone.encode_images(images)
                     log.debug("encoded %d images in %.2fs", len(images), time.perf_counter() - t0)
                     for j, i in enumerate(owners):
-                        feats = Features(blobs[i].key, global_[j], local[j])
+                        # Round to the storage precision now, so a fresh result equals
+                        # what the cache will return next time.
+                        feats = Features(
+                            blobs[i].key,
+                            torch.from_numpy(global_[j].numpy().astype(self.dtype).astype(np.float32)),
+                            torch.from_numpy(local[j].numpy().astype(self.dtype).astype(np.float32)),
+                        )
                         self.put(feats)
                         out[i] = feats
                     self.computed += len(images)

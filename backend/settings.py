@@ -52,6 +52,7 @@ class _Section(BaseModel):
 class OpenClipSettings(_Section):
     model: str = "ViT-B-32"
     pretrained: str | None = None
+    model_configs: list[str] = []
     zero_shot_scale: float
     zero_shot_bias: float
 

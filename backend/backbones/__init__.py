@@ -36,7 +36,9 @@ def create_backbone(settings=None, kind: str | None = None, text_cache=None) -> 
         try:
             if kind == "auto" and not oc.pretrained:
                 raise BackboneUnavailable("backbone.open_clip.pretrained is not set")
-            backbone = OpenClipBackbone(oc.model, oc.pretrained, cfg.device, cfg.network_probe_timeout_s)
+            backbone = OpenClipBackbone(
+                oc.model, oc.pretrained, cfg.device, cfg.network_probe_timeout_s, oc.model_configs
+            )
         except BackboneUnavailable as exc:
             if kind == "open_clip":
                 raise

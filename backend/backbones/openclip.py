@@ -114,9 +114,18 @@ def _hf_cached(hf_hub: str) -> bool:
 
 
 class OpenClipBackbone(Backbone):
-    def __init__(self, model: str, pretrained: str | None, device: str = "auto", probe_timeout: float = 2.0):
+    def __init__(
+        self,
+        model: str,
+        pretrained: str | None,
+        device: str = "auto",
+        probe_timeout: float = 2.0,
+        model_configs: Sequence[str] = (),
+    ):
         import open_clip
 
+        for path in model_configs:  # model shapes live in config files, as in open_clip
+            open_clip.add_model_config(os.path.expanduser(path))
         self.device = resolve_device(device)
         resolved = resolve_pretrained(model, pretrained, probe_timeout)
         if resolved is None:

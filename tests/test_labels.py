@@ -1,0 +1,72 @@
+"""Label texts, the text-embedding cache and the taxonomy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backend.errors import ConfigError
+from backend.labels import Label, LabelSpace, Taxonomy, TextEmbeddingCache, prompt_texts
+
+
+def test_prompt_ensemble_weights_name_and_extra_texts():
+    pairs = prompt_texts(Label("dog", ("puppy",)), ["a photo of a {}.", "{} in the wild"], name_weight=2.0)
+    assert pairs == [
+        ("a photo of a dog.", 2.0), ("dog in the wild", 2.0),
+        ("a photo of a puppy.", 1.0), ("puppy in the wild", 1.0),
+    ]
+
+
+def test_text_cache_computes_each_text_once(tmp_path, runtime):
+    cache = TextEmbeddingCache(tmp_path / "t.sqlite")
+    calls: list[list[str]] = []
+
+    def encode(texts):
+        calls.append(list(texts))
+        return runtime.backbone.encode_texts(texts)
+
+    first = cache.get_or_compute("enc", ["a cat", "a dog", "a cat"], encode)
+    second = TextEmbeddingCache(tmp_path / "t.sqlite").get_or_compute("enc", ["a dog", "a bird"], encode)
+    assert calls == [["a cat", "a dog"], ["a bird"]]  # persisted across instances, per text
+    assert torch.equal(first[1], second[0]) and torch.equal(first[0], first[2])
+    assert first.shape == (3, 384)
+
+
+def test_aliases_move_a_label_towards_their_meaning(runtime):
+    plain = runtime.label_space(["Ankle boot", "Sneaker", "Bag"])
+    aliased = runtime.label_space([Label("Ankle boot"), Label("Sneaker"), Label("Bag", ("handbag", "purse"))])
+    purse = runtime.backbone.encode_texts(["a photo of a purse."])[0]
+    assert aliased.embeddings[2] @ purse > plain.embeddings[2] @ purse
+    assert torch.equal(aliased.embeddings[0], plain.embeddings[0])
+
+
+def test_label_space_rejects_duplicates_and_empty(runtime):
+    with pytest.raises(ConfigError, match="duplicate"):
+        runtime.label_space(["cat", "cat"])
+    with pytest.raises(ConfigError):
+        runtime.label_space([])
+    with pytest.raises(ConfigError):
+        Label("  ")
+
+
+def test_taxonomy_paths_and_lca_distance(tmp_path):
+    path = tmp_path / "tax.yaml"
+    path.write_text(
+        "clothing:\n"
+        "  tops: [T-shirt/top, Pullover, Shirt, Coat]\n"
+        "  bottoms: [Trouser]\n"
+        "  footwear:\n"
+        "    shoes: [Sneaker, Ankle boot]\n"
+        "    open: [Sandal]\n"
+        "accessories: [Bag]\n"
+    )
+    tax = Taxonomy.from_yaml(path)
+    assert tax.path("Sneaker") == ["clothing", "footwear", "shoes", "Sneaker"]
+    assert tax.path("Bag") == ["accessories", "Bag"]
+    assert tax.lca_distance("Sneaker", "Sneaker") == 0
+    assert tax.lca_distance("Sneaker", "Ankle boot") == 1
+    assert tax.lca_distance("Sneaker", "Sandal") == 2
+    assert tax.lca_distance("Shirt", "Sandal") == 3
+    assert tax.lca_distance("Bag", "Sandal") == 4
+    with pytest.raises(ConfigError, match="appears under both"):
+        Taxonomy.from_tree({"a": ["x"], "b": ["x"]})
