@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -57,18 +59,38 @@ class TextEmbeddingCache:
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
             if self.path is None:
-                self._conn = sqlite3.connect(":memory:", check_same_thread=False)
+                self._conn = self._init(sqlite3.connect(":memory:", check_same_thread=False))
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._conn = sqlite3.connect(str(self.path), timeout=30, check_same_thread=False)
-                self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute(
-                "CREATE TABLE IF NOT EXISTS text_embedding ("
-                " encoder TEXT NOT NULL, text_hash TEXT NOT NULL, dim INTEGER NOT NULL,"
-                " vector BLOB NOT NULL, PRIMARY KEY (encoder, text_hash))"
-            )
-            self._conn.commit()
+                self._conn = self._open_shared(self.path)
         return self._conn
+
+    @staticmethod
+    def _init(conn: sqlite3.Connection) -> sqlite3.Connection:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS text_embedding ("
+            " encoder TEXT NOT NULL, text_hash TEXT NOT NULL, dim INTEGER NOT NULL,"
+            " vector BLOB NOT NULL, PRIMARY KEY (encoder, text_hash))"
+        )
+        conn.commit()
+        return conn
+
+    @classmethod
+    def _open_shared(cls, path: Path, wait_s: float = 30.0) -> sqlite3.Connection:
+        """Open the file that backend and worker processes share. Switching a new file to WAL
+        answers "database is locked" at once, without sqlite's busy wait, while another
+        process does the same (``serve --with-worker`` starts two at once): retry that."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            conn = sqlite3.connect(str(path), timeout=wait_s, check_same_thread=False)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                return cls._init(conn)
+            except sqlite3.OperationalError as exc:
+                conn.close()
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(random.uniform(0.01, 0.05))
 
     @staticmethod
     def _hash(text: str) -> str:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import time
 
 import numpy as np
-import pytest
 import torch
 
 from backend.features import Features, FeatureStore

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from backend.errors import ConfigError
-from backend.labels import Label, LabelSpace, Taxonomy, TextEmbeddingCache, prompt_texts
+from backend.labels import Label, Taxonomy, TextEmbeddingCache, prompt_texts
 
 
 def test_prompt_ensemble_weights_name_and_extra_texts():
@@ -30,6 +30,34 @@ def test_text_cache_computes_each_text_once(tmp_path, runtime):
     assert calls == [["a cat", "a dog"], ["a bird"]]  # persisted across instances, per text
     assert torch.equal(first[1], second[0]) and torch.equal(first[0], first[2])
     assert first.shape == (3, 384)
+
+
+def _open_and_write(path, start, results):
+    start.wait()
+    try:
+        vec = TextEmbeddingCache(path).get_or_compute("enc", ["a cat"], lambda t: torch.ones(len(t), 4))
+        results.put(float(vec.sum()))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        results.put(repr(exc))
+
+
+def test_processes_opening_a_new_text_cache_at_once_all_succeed(tmp_path):
+    """`serve --with-worker` starts a backend and a worker that open the same new cache file
+    together; sqlite's switch to WAL then answers "locked" at once to the loser."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    for attempt in range(15):
+        path = tmp_path / f"t{attempt}.sqlite"
+        start, results = ctx.Event(), ctx.Queue()
+        procs = [ctx.Process(target=_open_and_write, args=(path, start, results)) for _ in range(4)]
+        for proc in procs:
+            proc.start()
+        start.set()
+        outcomes = [results.get(timeout=60) for _ in procs]
+        for proc in procs:
+            proc.join(timeout=60)
+        assert outcomes == [4.0] * 4, outcomes
 
 
 def test_aliases_move_a_label_towards_their_meaning(runtime):
