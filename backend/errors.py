@@ -48,3 +48,30 @@ class TruncatedImage(ImageError):
 
 class ImageTooLarge(ImageError):
     reason = "image too large"
+
+
+class RedisUnavailable(SemlabelError):
+    """No Redis server answers at the configured URL."""
+
+
+class InvalidWebhook(SemlabelError):
+    """A Label Studio webhook payload that cannot be used; nothing of it was stored.
+
+    ``reason`` is a one-line explanation suitable for a 400 response."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(f"invalid webhook: {reason}")
+
+
+class ModelStoreError(SemlabelError):
+    """A model-store operation cannot be done (unknown version, nothing to roll back to)."""
+
+
+class CorruptVersion(ModelStoreError):
+    """A model version directory is incomplete or its files do not match its manifest."""
+
+
+class ModelLoadError(SemlabelError):
+    """A trained model directory cannot be served: missing or corrupt files, an unknown
+    format, or features from another backbone than the one it was trained on."""

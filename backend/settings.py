@@ -26,6 +26,8 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from .model.config import BenchSettings, LossSettings, ModelSettings, SuggestSettings, TrainSettings
+
 CONFIG_ENV = "SEMLABEL_CONFIG"
 CONFIG_DIR_ENV = "SEMLABEL_CONFIG_DIR"
 
@@ -101,6 +103,84 @@ class ImageSettings(_Section):
     local_roots: list[str] = []
 
 
+class EmbeddedRedisSettings(_Section):
+    port: int = Field(6379, ge=0, le=65535)
+    appendfsync: Literal["always", "everysec", "no"] = "everysec"
+    start_timeout_s: float = 15.0
+
+
+class RedisSettings(_Section):
+    connect_timeout_s: float = 2.0
+    key_prefix: str = "semlabel"
+    embedded: EmbeddedRedisSettings = EmbeddedRedisSettings()
+
+
+class QueueNames(_Section):
+    train: str = "gpu"
+    features: str = "cpu"
+
+
+class DebounceSettings(_Section):
+    annotations: int = Field(10, ge=1)
+    quiet_s: float = Field(30.0, ge=0.0)
+    max_wait_s: float = Field(600.0, ge=0.0)
+
+
+class WorkerSettings(_Section):
+    queues: QueueNames = QueueNames()
+    prefetch_features: bool = True
+    debounce: DebounceSettings = DebounceSettings()
+    busy_retry_s: float = Field(10.0, gt=0.0)
+    lock_ttl_s: float = Field(60.0, gt=0.0)
+    job_timeout_s: int = Field(7200, ge=1)
+    retry_intervals_s: list[int] = [15, 60, 300]
+    result_ttl_s: int = 604800
+    failure_ttl_s: int = 2592000
+    job_monitoring_interval_s: int = Field(10, ge=1)
+    holdout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    holdout_seed: int = 0
+    min_holdout_tasks: int = Field(5, ge=1)
+    trainer: str = ""
+    preload: bool = True
+    maintenance_interval_s: int = Field(60, ge=1)
+
+
+class StoreSettings(_Section):
+    root: str = ""
+    gate_metric: str = "mAP"
+    gate_margin: float = Field(0.02, ge=0.0)
+    keep_versions: int = Field(10, ge=2)
+    stale_staging_s: float = 86400.0
+    poll_interval_s: float = Field(2.0, gt=0.0)
+
+
+class PreannotationSettings(_Section):
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    max_labels: int = Field(10, ge=1)
+    reasons_labels: int = Field(10, ge=1)
+
+
+class ReviewSettings(_Section):
+    enabled: bool = True
+    model_version: str = "semlabel-review"
+    top_k: int = Field(3, ge=1)
+    min_probability: float = Field(0.5, ge=0.0, le=1.0)
+    max_attempts: int = Field(5, ge=1)
+    retry_after_s: float = Field(30.0, gt=0.0)
+
+
+class BackendSettings(_Section):
+    """The Label Studio-facing server (backend/ls/)."""
+
+    preannotation: PreannotationSettings = PreannotationSettings()
+    review: ReviewSettings = ReviewSettings()
+    reasons_textarea: str = "semlabel_reasons"
+    taxonomy: str = ""
+    setup_wait_s: float = Field(2.5, gt=0.0)
+    predict_wait_s: float = Field(60.0, gt=0.0)
+    max_request_mb: float = Field(64.0, gt=0.0)
+
+
 def _deep_merge(base: dict, override: dict) -> dict:
     out = dict(base)
     for key, value in override.items():
@@ -172,6 +252,16 @@ class Settings(BaseSettings):
     zero_shot: ZeroShotSettings
     features: FeatureSettings
     images: ImageSettings
+    redis: RedisSettings = RedisSettings()
+    worker: WorkerSettings = WorkerSettings()
+    store: StoreSettings = StoreSettings()
+    # The SigRL heads, their losses, training, suggestions, benchmark (backend/model/config.py).
+    model: ModelSettings = ModelSettings()
+    loss: LossSettings = LossSettings()
+    train: TrainSettings = TrainSettings()
+    suggest: SuggestSettings = SuggestSettings()
+    backend: BackendSettings = BackendSettings()
+    bench: BenchSettings = BenchSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -198,7 +288,13 @@ class Settings(BaseSettings):
 
     @property
     def models_path(self) -> Path:
-        return self.data_path / "models"
+        """The model store (``store.root``, else ``<data_dir>/models``)."""
+        return Path(self.store.root).expanduser() if self.store.root else self.data_path / "models"
+
+    @property
+    def redis_data_path(self) -> Path:
+        """Where the embedded Redis keeps its append-only file."""
+        return self.data_path / "redis"
 
     def section(self, name: str) -> dict[str, Any]:
         """A section that has no typed model here, as a plain dict (``{}`` when absent)."""

@@ -52,3 +52,56 @@ def sample_images(tmp_path_factory) -> dict[str, Path]:
         Image.fromarray(getattr(data, name)()).save(path)
         out[name] = path
     return out
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """URL of a private database on the real Redis at 127.0.0.1:6379 (claimed for this session,
+    flushed at the end); skips when no Redis answers."""
+    from tests.redis_helpers import claim_db, release_db
+
+    url, client = claim_db()
+    yield url
+    release_db(client)
+
+
+@pytest.fixture
+def redis_conn(redis_url):
+    """A client of the session's private database, emptied after the test."""
+    import redis
+
+    from tests.redis_helpers import CLAIM_KEY
+
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    marker = client.get(CLAIM_KEY)
+    client.flushdb()
+    client.set(CLAIM_KEY, marker or b"claimed", ex=3600)
+
+
+@pytest.fixture(scope="session")
+def fashion_set(runtime, tmp_path_factory):
+    """Real Fashion-MNIST outfit mosaics (configs/bench/fashion_outfits.yaml) with their
+    packaged-backbone features, built once per session: 320 train + 200 test images.
+
+    A dict: ``classes``, ``train``/``test`` → ``{"paths", "labels" (complete), "G", "L",
+    "features"}``, ``root`` (the image directory)."""
+    import torch
+
+    from backend.settings import config_dir
+    from worker.fashion import OutfitStructure, build_mosaics
+
+    structure = OutfitStructure.from_yaml(config_dir() / "bench" / "fashion_outfits.yaml")
+    root = tmp_path_factory.mktemp("fashion")
+    out = {"classes": structure.classes, "root": root}
+    for split, count, seed in (("train", 320, 0), ("test", 200, 1)):
+        mosaics = build_mosaics(structure, split, count, root, seed=seed)
+        feats = runtime.features_for([str(p) for p in mosaics.paths], progress=False)
+        out[split] = {
+            "paths": mosaics.paths,
+            "labels": mosaics.labels,
+            "features": feats,
+            "G": torch.stack([f.global_ for f in feats]),
+            "L": torch.stack([f.local for f in feats]),
+        }
+    return out

@@ -183,7 +183,9 @@ def predict(labels: str, model_dir: Path | None, as_json: bool, as_table: bool, 
 
 
 def _trained_scores(runtime, model_dir: Path, features, space):
-    raise click.UsageError("--model needs the trained heads (not available in this build)")
+    from worker.commands.model import trained_scores
+
+    return trained_scores(runtime, model_dir, features, space)
 
 
 def _print_table(results: list[dict], names: list[str]) -> None:
@@ -194,6 +196,20 @@ def _print_table(results: list[dict], names: list[str]) -> None:
         for name, score in ranked:
             bar = "#" * int(round(score * 20))
             click.echo(f"  {name:<{width}}  {score:6.3f}  {bar}")
+
+
+@main.command("bench-predict")
+@click.option("--labels", default="cat,dog,person,horse,bird,car,coffee cup,rocket", show_default=True)
+@click.option("--runs", type=int, default=3, show_default=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-out"), show_default=True)
+@click.argument("images", nargs=-1, required=True)
+def bench_predict(labels: str, runs: int, out_dir: Path, images: tuple[str, ...]) -> None:
+    """Time `semlabel predict` on IMAGES, cold and warm features; JSON + markdown report."""
+    from worker.predict_bench import run
+
+    run([str(Path(i).resolve()) for i in images], labels, runs, out_dir)
+    click.echo((out_dir / "predict-bench.md").read_text())
+    click.echo(f"report: {out_dir / 'predict-bench.json'}", err=True)
 
 
 # ------------------------------------------------------------------------- features
@@ -222,6 +238,13 @@ def features_gc(max_gb: float | None, max_age_days: float | None) -> None:
         max_age_s=max_age_days * 86400 if max_age_days is not None else None,
     )
     click.echo(json.dumps(result))
+
+
+# The other commands, one module per area (each imports its heavy parts only when run).
+from worker.commands import model as _model_commands  # noqa: E402  train, eval, bench, paper
+
+for _commands in (_model_commands,):
+    _commands.register(main)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,151 @@
+"""SigRLPredictor: a trained model behind the :class:`~.predictor.Predictor` interface.
+
+``load_predictor(model_dir, runtime)`` is what the backend and the model store call. The
+predictor scores any label space: labels seen in training, and labels added later (scored
+from their text embedding through GMC/SVFR, with zero co-occurrence counts). Per label space
+it caches the GMC output and the known-label matrix, so serving costs the visual heads only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from typing import Sequence
+
+import torch
+
+from ..features import Features, stack
+from ..labels import LabelSpace, Taxonomy
+from .checkpoint import TrainedModel, load_model
+from .predictor import Predictor, Reasons, Suggestion, known_mask, text_neighbours
+from .sigrl import label_graph
+
+
+class SigRLPredictor(Predictor):
+    def __init__(
+        self,
+        model: TrainedModel,
+        zero_shot: Predictor | None = None,
+        neighbours: int = 3,
+        co_occurring: int = 3,
+        batch_size: int = 256,
+        device: str | torch.device = "cpu",
+    ):
+        self.model = model
+        self.module = model.module.eval().to(device)
+        self.device = torch.device(device)
+        self.zero_shot = zero_shot
+        self.neighbours = neighbours
+        self.co_occurring = co_occurring
+        self.batch_size = batch_size
+        self.version = f"sigrl-{model.model_id or 'unsaved'}@{model.backbone.get('name', '?')}"
+        self.taxonomy = Taxonomy(dict(model.taxonomy)) if model.taxonomy else None
+        self._cache: dict[str, tuple] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def labels_seen(self) -> list[str]:
+        return list(self.model.labels)
+
+    # -- per label space ---------------------------------------------------------------
+    def _space_key(self, space: LabelSpace) -> str:
+        digest = hashlib.sha256("\x1f".join(space.names).encode())
+        digest.update(space.embeddings.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()
+
+    @torch.inference_mode()
+    def prepare(self, space: LabelSpace):
+        """(graph, Ĥ, known matrix S, conditional P) of a label space (cached)."""
+        key = self._space_key(space)
+        with self._lock:
+            hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        graph = label_graph(self.model.stats, space.names, space.embeddings, self.module.cfg).to(self.device)
+        H = self.module.label_embeddings(space.embeddings.to(self.device), graph)
+        S = self.module.known_matrix(H, graph)
+        entry = (graph, H, S)
+        with self._lock:
+            if len(self._cache) > 16:
+                self._cache.clear()
+            self._cache[key] = entry
+        return entry
+
+    # -- scores ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, features: Sequence[Features], space: LabelSpace, known=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(visual logits ``[B, C]``, logits given the known labels ``[B, C]``)."""
+        graph, H, S = self.prepare(space)
+        mask = known_mask(space, known, len(features)) if known is not None else None
+        visual, conditional = [], []
+        for start in range(0, len(features), self.batch_size):
+            g, l = stack(features[start : start + self.batch_size])
+            k = mask[start : start + self.batch_size].to(self.device) if mask is not None else None
+            out = self.module.score(g.to(self.device), l.to(self.device), H, graph, k, S)
+            visual.append(out.visual_logits.cpu())
+            conditional.append(out.logits.cpu())
+        return torch.cat(visual), torch.cat(conditional)
+
+    def probabilities(self, features, space, known=None):
+        if not features:
+            return torch.zeros(0, len(space))
+        _, conditional = self.logits(features, space, known)
+        return torch.sigmoid(conditional)
+
+    def suggest(self, features, space, known, top_k, min_probability=0.0):
+        if not features:
+            return []
+        visual_z, cond_z = self.logits(features, space, known)
+        visual, probs = torch.sigmoid(visual_z), torch.sigmoid(cond_z)
+        zero_shot = self.zero_shot.probabilities(features, space) if self.zero_shot is not None else None
+        mask = known_mask(space, known, len(features)).bool()
+        cond = self.model.stats.conditional(space.names)  # cond[j, c] = P(c | j), observed
+        taxonomy = space.taxonomy or self.taxonomy
+        out = []
+        for b in range(len(features)):
+            row = probs[b].masked_fill(mask[b], -1.0)
+            known_idx = mask[b].nonzero().flatten().tolist()
+            items = []
+            for c in row.argsort(descending=True).tolist():
+                if len(items) >= top_k or row[c] < 0:
+                    break
+                p = float(probs[b, c])
+                if p < min_probability:
+                    break
+                support = sorted(
+                    ((space.names[j], round(float(cond[j, c]), 4)) for j in known_idx if cond[j, c] > 0),
+                    key=lambda kv: -kv[1],
+                )[: self.co_occurring]
+                items.append(
+                    Suggestion(
+                        label=space.names[c],
+                        probability=round(p, 4),
+                        reasons=Reasons(
+                            visual=round(float(visual[b, c]), 4),
+                            zero_shot=round(float(zero_shot[b, c]), 4) if zero_shot is not None else float("nan"),
+                            co_occurring=support,
+                            neighbours=text_neighbours(space, c, self.neighbours),
+                            taxonomy_path=taxonomy.path(space.names[c]) if taxonomy is not None else [],
+                        ),
+                    )
+                )
+            out.append(items)
+        return out
+
+
+def load_predictor(model_dir, runtime, device: str | None = None) -> SigRLPredictor:
+    """The servable predictor of a model directory for this runtime's backbone.
+
+    Raises :class:`~backend.errors.ModelLoadError` when the directory is incomplete or
+    corrupt, or was trained on another backbone's features."""
+    model = load_model(model_dir, expected_fingerprint=runtime.backbone.fingerprint)
+    suggest = runtime.settings.suggest
+    if device is None:
+        device = runtime.backbone.device if str(runtime.backbone.device).startswith("cuda") else "cpu"
+    return SigRLPredictor(
+        model,
+        zero_shot=runtime.zero_shot_predictor(),
+        neighbours=suggest.neighbours,
+        co_occurring=suggest.co_occurring,
+        device=device,
+    )

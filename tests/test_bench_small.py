@@ -1,0 +1,74 @@
+"""`semlabel bench` end to end on a small real-image configuration."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from backend.settings import Settings
+from worker.bench import insert_readme_table, run_bench
+from worker.data import examples_from_tasks, parse_label_config, read_export
+
+
+@pytest.fixture(scope="module")
+def small_settings(settings) -> Settings:
+    s = settings.model_copy(deep=True)
+    s.train.epochs = 4
+    s.train.patience = 4
+    s.bench.timing_repeats = 1
+    s.bench.seeds = [0, 1]
+    return s
+
+
+def test_small_bench_writes_label_studio_exports_reports_and_reuses_features(small_settings, tmp_path):
+    methods = ["zero-shot", "linear probe + EM", "SigRL (GMC + SVFR)"]
+    out = tmp_path / "bench"
+    first = run_bench(out, train_images=60, test_images=40, settings=small_settings, methods=methods,
+                      update_readme=False, timing=False, show_progress=False)
+    # Label Studio exports: partial / single-positive train labels, complete test labels.
+    cfg = parse_label_config((out / "label_config.xml").read_text())
+    assert len(cfg.labels) == 10 and cfg.from_name == "label" and cfg.image_field == "image"
+    test_tasks = read_export(out / "test.json")
+    assert len(test_tasks) == 40 and test_tasks[0]["data"]["image"].startswith("/data/local-files/?d=images/")
+    test_examples, _ = examples_from_tasks(test_tasks, cfg.labels, images_root=out)
+    single, _ = examples_from_tasks(read_export(out / "train_single.json"), cfg.labels, images_root=out)
+    partial, _ = examples_from_tasks(read_export(out / "train_partial.json"), cfg.labels, images_root=out)
+    assert all(len(e.positives) == 1 for e in single)
+    assert all(2 <= len(e.positives) <= 4 for e in test_examples)
+    assert any(len(e.positives) > 1 for e in partial)
+    for s, p in zip(single, partial):  # the same images, and labels from the same complete set
+        assert s.image == p.image
+    assert (out / "images").is_dir() and len(list((out / "images").glob("*.png"))) == 100
+
+    report = json.loads((out / "bench.json").read_text())
+    assert report["features"]["computed"] == 100 and report["class_temperature"] == 16.0
+    for mode in ("single", "partial"):
+        rows = report["results"][mode]["rows"]
+        assert set(methods) <= set(rows)
+        for name in methods:
+            assert 0.0 < rows[name]["mAP"] <= 1.0 and "F1@3" in rows[name] and "hidden_recall@3" in rows[name]
+        # trained methods: the mean over the two seeds, with the spread
+        assert rows["SigRL (GMC + SVFR)"]["seeds"] == [0, 1] and "mAP_std" in rows["SigRL (GMC + SVFR)"]
+        assert "linear probe + EM × co-occurrence" in rows and "SigRL (GMC + SVFR), known labels ignored" in rows
+    assert "partial" in report["acceptance"] and "mAP_over_linear_probe_em" in report["acceptance"]["partial"]
+    assert (out / "models" / "partial" / "model.json").is_file()
+    md = (out / "bench.md").read_text()
+    assert "| SigRL (GMC + SVFR) |" in md and "pr_partial.png" in md and (out / "label_graph_partial.png").is_file()
+
+    again = run_bench(out, train_images=60, test_images=40, settings=small_settings, methods=methods[:2],
+                      update_readme=False, timing=False, show_progress=False)
+    assert again["features"] == {"computed": 0, "cached": 160}  # nothing re-encoded (test + 2 train exports)
+    assert again["results"]["partial"]["rows"]["zero-shot"]["mAP"] == first["results"]["partial"]["rows"]["zero-shot"]["mAP"]
+
+
+def test_readme_table_insertion(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- section:model -->\nintro\n<!-- bench:table:start -->\nold\n"
+                      "<!-- bench:table:end -->\nafter\n<!-- section:backend -->\n")
+    assert insert_readme_table("| new | table |\n", readme)
+    text = readme.read_text()
+    assert "old" not in text and "| new | table |" in text and text.endswith("after\n<!-- section:backend -->\n")
+    plain = tmp_path / "plain.md"
+    plain.write_text("no markers\n")
+    assert not insert_readme_table("x", plain) and plain.read_text() == "no markers\n"

@@ -1,0 +1,118 @@
+"""Metrics on hand-checked cases; `semlabel train` + `semlabel eval` on real exports."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from backend.labels import Taxonomy
+from worker.fashion import label_config_xml, label_studio_export, partial_labels
+from worker.metrics import (
+    evaluate_scores,
+    hidden_recall_at_k,
+    hide_positives,
+    hierarchical_distance_at_k,
+    mean_average_precision,
+    mistake_severity,
+    precision_recall_at_k,
+)
+
+NAMES = ["a", "b", "c", "d"]
+TAX = Taxonomy.from_tree({"x": ["a", "b"], "y": {"z": ["c"], "w": ["d"]}})
+
+
+def test_map_and_precision_recall_at_k():
+    y = torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 1]])
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.1], [0.2, 0.9, 0.1, 0.3], [0.5, 0.6, 0.1, 0.4]])
+    # AP per label: a: positives at ranks 1 and 2 of [0.9, 0.5, 0.2] → 1; b: [0.9 (+), 0.8, 0.6] → 1;
+    # c: its positive 0.7 ranks first → 1; d: its positive 0.4 ranks first → 1.
+    assert mean_average_precision(scores, y) == pytest.approx(1.0)
+    worse = scores.clone()
+    worse[0, 2] = 0.0  # c's only positive now ranks last of three → AP 1/3
+    assert mean_average_precision(worse, y) == pytest.approx((1 + 1 + 1 / 3 + 1) / 4)
+    p, r, f1 = precision_recall_at_k(scores, y, 1)
+    # top-1: a (hit), b (hit), b (miss)
+    assert (p, r) == (pytest.approx(2 / 3), pytest.approx((1 / 2 + 1 + 0) / 3))
+    assert f1 == pytest.approx(2 * p * r / (p + r))
+
+
+def test_hidden_positive_recall_and_taxonomy_metrics():
+    y = torch.tensor([[1.0, 1, 1, 0], [1, 0, 0, 0], [0, 0, 1, 1]])
+    known, hidden = hide_positives(y, seed=3)
+    assert torch.equal(known + hidden, torch.where(y.sum(1, keepdim=True) >= 2, y, torch.zeros_like(y)))
+    assert (known.sum(1)[[0, 2]] >= 1).all() and (hidden.sum(1)[[0, 2]] >= 1).all()
+    assert known[1].sum() == hidden[1].sum() == 0  # a single positive cannot be split
+    k = torch.tensor([[1.0, 0, 0, 0]])
+    h = torch.tensor([[0.0, 1, 1, 0]])
+    s = torch.tensor([[0.99, 0.1, 0.8, 0.9]])  # ranking of the non-known: d, c, b
+    assert hidden_recall_at_k(s, k, h, 1) == 0.0
+    assert hidden_recall_at_k(s, k, h, 2) == pytest.approx(0.5)
+    assert hidden_recall_at_k(s, k, h, 3) == pytest.approx(1.0)
+    # Mistake severity: image 0 predicts d (truth {a}); LCA(d, a) is the root: height 3.
+    y2 = torch.tensor([[1.0, 0, 0, 0], [0, 0, 1, 0]])
+    s2 = torch.tensor([[0.1, 0.2, 0.3, 0.9], [0.1, 0.2, 0.9, 0.3]])
+    assert mistake_severity(s2, y2, TAX, NAMES) == 3.0
+    # hier. distance@2: image 0 top-2 {d, c}: 3 and 3; image 1 {c (hit), d}: 0 and 2 (z, w under y).
+    assert hierarchical_distance_at_k(s2, y2, TAX, NAMES, 2) == pytest.approx(((3 + 3) / 2 + (0 + 2) / 2) / 2)
+    out = evaluate_scores(s2, y2, names=NAMES, ks=(1, 2), taxonomy=TAX)
+    assert {"mAP", "P@1", "R@2", "F1@2", "mistake_severity", "hier_dist@1", "AP_per_label"} <= set(out)
+
+
+def _semlabel(*args, timeout=600):
+    exe = shutil.which("semlabel") or str(Path(sys.executable).parent / "semlabel")
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+
+
+def test_train_and_eval_commands_on_label_studio_exports(fashion_set, tmp_path):
+    """The CLI round trip a user runs: export → `semlabel train` → `semlabel eval --report`."""
+    classes = fashion_set["classes"]
+    train = fashion_set["train"]
+    test = fashion_set["test"]
+    root = fashion_set["root"]
+    observed = partial_labels(train["labels"], "partial", np.random.default_rng(0), 0.5)
+    rel = lambda paths: [f"/data/local-files/?d={p.name}" for p in paths]  # noqa: E731
+    (tmp_path / "train.json").write_text(json.dumps(label_studio_export(rel(train["paths"]), observed)))
+    (tmp_path / "test.json").write_text(json.dumps(label_studio_export(rel(test["paths"][:80]), test["labels"][:80])))
+    (tmp_path / "config.xml").write_text(label_config_xml(classes))
+    model_dir = tmp_path / "model"
+    env_cfg = tmp_path / "fast.yaml"
+    env_cfg.write_text("train:\n  epochs: 8\n  patience: 8\n")
+    os.environ["SEMLABEL_CONFIG"] = str(env_cfg)
+    try:
+        trained = _semlabel("train", "--export", str(tmp_path / "train.json"), "--images-root", str(root),
+                            "--label-config", str(tmp_path / "config.xml"), "--out", str(model_dir))
+        assert trained.returncode == 0, trained.stderr
+        summary = json.loads(trained.stdout)
+        assert summary["export"]["examples"] == len(train["paths"]) and summary["summary"]["epochs_run"] <= 8
+        assert (model_dir / "model.json").is_file()
+        taxonomy = Path(__file__).resolve().parent.parent / "configs" / "bench" / "fashion_taxonomy.yaml"
+        evaluated = _semlabel("eval", "--export", str(tmp_path / "test.json"), "--images-root", str(root),
+                              "--model", str(model_dir), "--taxonomy", str(taxonomy),
+                              "--report", str(tmp_path / "report"))
+    finally:
+        del os.environ["SEMLABEL_CONFIG"]
+    assert evaluated.returncode == 0, evaluated.stderr
+    out = json.loads(evaluated.stdout)
+    for key in ("mAP", "F1@3", "F1@5", "P@3", "R@3", "P@5", "R@5", "hidden_recall@3", "mistake_severity",
+                "hier_dist@3", "unconditioned_hidden_recall", "zero_shot", "version", "backbone"):
+        assert key in out, key
+    assert out["images"] == 80 and out["version"].startswith("sigrl-")
+    assert out["zero_shot"]["mAP"] < out["mAP"]
+    assert {"mAP", "F1@3", "hidden_recall@3"} <= set(out["zero_shot"])
+    report = tmp_path / "report"
+    assert {"report.md", "pr_curves.png", "label_graph.png", "eval.json"} <= {p.name for p in report.iterdir()}
+    assert (report / "pr_curves.png").stat().st_size > 10_000
+    assert "![PR curves](pr_curves.png)" in (report / "report.md").read_text()
+
+    bad = _semlabel("eval", "--export", str(tmp_path / "test.json"), "--model", str(tmp_path))
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("semlabel: error:")
+    assert "no model.json" in bad.stderr
+    assert "Traceback" not in bad.stderr

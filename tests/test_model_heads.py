@@ -1,0 +1,193 @@
+"""GMC / SVFR / SigRL heads: shapes, the label graph, chunking equivalence, zero-shot start."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from backend.model.config import ModelSettings
+from backend.model.cooccurrence import CooccurrenceStats
+from backend.model.gmc import GMC, build_label_graph
+from backend.model.sigrl import SigRL, label_graph
+from backend.model.svfr import SVFR
+from backend.model.zeroshot import zero_shot_logits
+
+D, P = 32, 9
+
+
+def _unit(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g), dim=-1)
+
+
+def _trained_like(module: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Every parameter away from its (partly zero) initial value, as after training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return module
+
+
+def test_cooccurrence_counts_by_name_and_alignment():
+    stats = CooccurrenceStats.from_label_sets([["a", "b"], ["a", "b", "c"], ["a"], []])
+    assert stats.n_images == 3 and stats.counts == {"a": 3, "b": 2, "c": 1}
+    P = stats.conditional(["a", "b", "new"])  # P[i, j] = P(j | i)
+    assert P[0, 1].item() == pytest.approx(2 / 3) and P[1, 0].item() == pytest.approx(1.0)
+    assert P[2].abs().sum() == 0 and P[:, 2].abs().sum() == 0  # a label never annotated
+    again = CooccurrenceStats.from_json(stats.to_json())
+    assert again == stats
+    npmi = stats.npmi(["a", "b", "c", "new"])
+    assert npmi.shape == (4, 4) and npmi[3].abs().sum() == 0 and (npmi.abs() <= 1).all()
+    with pytest.raises(ValueError):
+        CooccurrenceStats.from_json({"n_images": 1, "counts": {"a": 5}, "pairs": []})
+
+
+def test_ml_gcn_reweighting_and_text_edges_by_hand():
+    # Three labels; P(j|i): a→b 0.8, b→a 0.5, c unseen. τ = 0.4, p = 0.2, no text blend.
+    cond = torch.tensor([[0.0, 0.8, 0.0], [0.5, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    H = torch.eye(3)
+    graph = build_label_graph(H, cond, torch.zeros(3, 3), tau=0.4, p=0.2, text_blend=0.0, max_neighbours=8)
+    W = graph.weights
+    assert W[0, 1].item() == pytest.approx(0.2) and W[0, 0].item() == pytest.approx(0.8)
+    assert W[2, 2].item() == pytest.approx(1.0) and W[2, :2].abs().sum() == 0  # no edge from counts
+    assert graph.edge_index.shape == (2, 9)  # all pairs including self loops (C ≤ max_neighbours + 1)
+    # With text similarity blended in, the unseen label joins through its text neighbours.
+    H2 = F.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.8, 0.6]]), dim=-1)
+    g2 = build_label_graph(H2, cond, torch.zeros(3, 3), tau=0.4, p=0.2, text_blend=0.5, max_neighbours=8)
+    assert (g2.weights[2, :2] > 0).all()
+    assert g2.weights[2, 1] > g2.weights[2, 0]  # cos(c, b) = 0.96 > cos(c, a) = 0.8
+    # edge attributes: (blended weight, P(j|i), cosine) of edge j → i
+    src, dst = g2.edge_index
+    k = ((src == 1) & (dst == 0)).nonzero().item()
+    assert g2.edge_attr[k, 1].item() == pytest.approx(0.8)
+    assert g2.edge_attr[k, 2].item() == pytest.approx(float(H2[0] @ H2[1]))
+
+
+def test_graph_keeps_the_strongest_sources_for_large_label_sets():
+    C = 50
+    H = _unit(C, D)
+    graph = build_label_graph(H, torch.zeros(C, C), torch.zeros(C, C), tau=0.4, p=0.2, text_blend=1.0,
+                              max_neighbours=5)
+    assert graph.edge_index.shape == (2, C * 6)
+    dst = graph.edge_index[1]
+    assert torch.equal(torch.bincount(dst, minlength=C), torch.full((C,), 6))
+
+
+def test_gmc_shapes_and_identity_at_start():
+    C = 7
+    H = _unit(C, D)
+    graph = build_label_graph(H, torch.zeros(C, C), torch.zeros(C, C), tau=0.4, p=0.2, text_blend=0.5,
+                              max_neighbours=4)
+    gmc = GMC(D, hidden=8, heads=4, dropout=0.3).eval()
+    out = gmc(H, graph)
+    assert out.shape == (C, D)
+    assert torch.allclose(out, H, atol=1e-6)  # gate 0: the text embeddings unchanged
+    _trained_like(gmc)
+    out = gmc(H, graph)
+    assert not torch.allclose(out, H, atol=1e-3)
+    assert torch.allclose(out.norm(dim=-1), torch.ones(C), atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4])
+def test_svfr_chunked_equals_unchunked_including_gradients(chunk):
+    B, C = 5, 11
+    g, l, U = _unit(B, D, seed=1), _unit(B, P, D, seed=2), _unit(C, D, seed=3)
+    svfr = _trained_like(SVFR(D, attn_dim=8, top_k=3, global_weight=0.6, recon_temperature=10.0), seed=4)
+
+    def run(chunk_size):
+        svfr.zero_grad()
+        l_ = l.clone().requires_grad_(True)
+        U_ = U.clone().requires_grad_(True)
+        out = svfr(g, l_, U_, target=l, chunk_size=chunk_size)
+        (out.similarity.pow(2).sum() + out.reconstruction_loss).backward()
+        grads = {n: p.grad.clone() for n, p in svfr.named_parameters()}
+        return out, l_.grad, U_.grad, grads
+
+    full, gl_full, gu_full, gp_full = run(C)
+    part, gl_part, gu_part, gp_part = run(chunk)
+    assert full.similarity.shape == (B, C)
+    assert torch.allclose(full.similarity, part.similarity, atol=1e-6)
+    assert torch.allclose(full.reconstruction_loss, part.reconstruction_loss, atol=1e-6)
+    assert torch.allclose(gl_full, gl_part, atol=1e-6) and torch.allclose(gu_full, gu_part, atol=1e-6)
+    for name in gp_full:
+        assert torch.allclose(gp_full[name], gp_part[name], atol=1e-5), name
+
+
+def _stats():
+    return CooccurrenceStats.from_label_sets([["l0", "l1"], ["l1", "l2"], ["l0", "l1", "l3"]])
+
+
+def test_fresh_sigrl_is_the_zero_shot_model():
+    cfg = ModelSettings(adapter_hidden=16, gat_hidden=8, attn_dim=8, global_weight=0.6, local_top_k=3)
+    C = 6
+    names = [f"l{i}" for i in range(C)]
+    H, g, l = _unit(C, D, seed=5), _unit(4, D, seed=6), _unit(4, P, D, seed=7)
+    model = SigRL(D, cfg, zero_shot_scale=14.0, zero_shot_bias=0.6).eval()
+    graph = label_graph(_stats(), names, H, cfg)
+    out = model(g, l, H, graph)
+    expected = zero_shot_logits(g, l, H, global_weight=0.6, top_k=3, scale=14.0, bias=0.6)
+    assert torch.allclose(out.logits, expected, atol=1e-5)
+    assert torch.allclose(out.visual_logits, out.logits)
+
+
+def test_sigrl_shapes_chunking_and_known_labels():
+    cfg = ModelSettings(adapter_hidden=16, gat_hidden=8, attn_dim=8, chunk_size=2)
+    C = 5
+    names = [f"l{i}" for i in range(C)]
+    H, g, l = _unit(C, D, seed=8), _unit(3, D, seed=9), _unit(3, P, D, seed=10)
+    model = _trained_like(SigRL(D, cfg, 14.0, 0.6), seed=11).eval()
+    graph = label_graph(_stats(), names, H, cfg)
+    known = torch.tensor([[1.0, 0, 0, 0, 0], [0, 0, 0, 0, 0], [1.0, 1.0, 0, 0, 0]])
+    out = model(g, l, H, graph, known)
+    assert out.logits.shape == out.visual_logits.shape == (3, C)
+    assert out.label_embeddings.shape == (C, D)
+    unchunked = model(g, l, H, graph, known, chunk_size=C)
+    assert torch.allclose(out.logits, unchunked.logits, atol=1e-5)
+    # No known label: exactly the visual logits. Known labels move the others' logits.
+    assert torch.allclose(out.logits[1], out.visual_logits[1])
+    assert not torch.allclose(out.logits[0], out.visual_logits[0])
+    # The known-label term, by hand from the counts (3 images: {l0,l1}, {l1,l2}, {l0,l1,l3}):
+    # the co-occurrence expert u_c = b + mean_j S[j, c] + γ_cond · mean_j P(c | j)
+    # + γ_lift · log mean_j P̂(c | j), with P̂(c | j) = (M_jc + P̂(c)) / (N_j + 1) and
+    # P̂(c) = (N_c + 1) / (n + 2), moves the visual logit by u_c − logit P̂(c); not for l4 (no counts).
+    S = model.known_matrix(out.label_embeddings, graph)
+    assert torch.allclose(S.diagonal(), torch.zeros(C))
+    M, N, n = graph.pairs, graph.counts, 3.0
+    assert N.tolist() == [2, 3, 1, 1, 0] and M[0, 1] == 2 and M[1, 2] == 1
+
+    def expert(M, N, n):
+        cond = (M[0] / N[0] + M[1] / N[1]) / 2
+        prior = (N + 1) / (n + 2)
+        smooth = ((M[0] + prior) / (N[0] + 1) + (M[1] + prior) / (N[1] + 1)) / 2
+        return model.cooc_bias + (S[0] + S[1]) / 2 + model.gamma_cond * cond + model.gamma_lift * torch.log(smooth)
+
+    u = expert(M, N, n)
+    assert torch.allclose(out.cooc_logits[2], u, atol=1e-5)
+    prior = (N + 1) / (n + 2)
+    expected = (u - torch.logit(prior)) * torch.tensor([1.0, 1, 1, 1, 0])
+    assert torch.allclose(out.logits[2] - out.visual_logits[2], expected, atol=1e-5)
+    # Leave-one-out in training: with the image's own labels as targets, its co-occurrences
+    # are taken out of the counts (image 3 = {l0, l1, l3}, known {l0, l1}).
+    y = torch.tensor([[1.0, 1, 0, 1, 0]])
+    loo = model.cooc_logits(known[2:3], S, graph, targets=y)
+    u2 = expert(M - torch.outer(y[0], y[0]), N - y[0], 2.0)
+    off = torch.tensor([False, False, True, True, True])  # the known labels' own columns are not used
+    assert torch.allclose(loo[0][off], u2[off], atol=1e-5)
+    assert loo[0, 3] < u[3]  # l3's only co-occurrence was this very image
+    # The co-occurrence part follows P(c | j): l1 supports l0 (P = 2/3) more than l4 (P = 0).
+    assert graph.cond[1, 0] > graph.cond[1, 4] == 0
+
+
+def test_every_parameter_is_label_independent():
+    """No per-label rows: the same weights score 3 or 300 labels."""
+    cfg = ModelSettings(adapter_hidden=16, gat_hidden=8, attn_dim=8, chunk_size=64, max_neighbours=8)
+    model = SigRL(D, cfg, 14.0, 0.6).eval()
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    g, l = _unit(2, D, seed=12), _unit(2, P, D, seed=13)
+    for C in (3, 300):
+        H = _unit(C, D, seed=C)
+        graph = label_graph(CooccurrenceStats(), [f"x{i}" for i in range(C)], H, cfg)
+        assert model(g, l, H, graph).logits.shape == (2, C)
+    assert {n: tuple(p.shape) for n, p in model.named_parameters()} == shapes

@@ -1,0 +1,254 @@
+"""Label Studio exports → partial-label examples; label configs → label lists.
+
+A Label Studio JSON export is a list of tasks::
+
+    {"id": 7, "data": {"image": "/data/upload/1/a.png"},
+     "annotations": [{"result": [{"type": "choices", "from_name": "label", "to_name": "image",
+                                  "value": {"choices": ["Coat", "Bag"]}}],
+                      "was_cancelled": false, "updated_at": "...", ...}],
+     "predictions": [...]}
+
+Rules (:func:`examples_from_tasks`):
+
+- only ``choices`` results count (of the given ``from_name`` when one is set); a task's
+  *predictions* are never labels;
+- cancelled annotations (``was_cancelled``) and annotations without any choice are ignored;
+- several annotations of one task: ``policy="union"`` (default) takes the union of their
+  choices — every annotator's positive is a positive; ``policy="latest"`` takes the
+  annotation with the newest ``updated_at``/``created_at`` (then the highest id);
+- choices outside the label list are dropped (counted in the report); tasks left without a
+  positive are skipped. Chosen labels are *partial*: a label not chosen is unknown.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+from urllib.parse import parse_qs, unquote, urlparse
+
+from backend.errors import ConfigError, ImageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Example:
+    """One annotated image: where it is, and the labels chosen for it (partial)."""
+
+    image: str
+    positives: list[str]
+    task_id: int | None = None
+    key: str | None = None  # feature-cache key, once the features are known
+
+
+@dataclass
+class ExportReport:
+    tasks: int = 0
+    examples: int = 0
+    skipped_no_image: int = 0
+    skipped_no_labels: int = 0
+    cancelled_annotations: int = 0
+    unknown_labels: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class LabelConfig:
+    """What a label config says about a multi-label image project."""
+
+    labels: list[str]
+    from_name: str | None = None
+    to_name: str | None = None
+    image_field: str | None = None
+
+
+def parse_label_config(xml: str) -> LabelConfig:
+    """The first ``<Choices>`` of a Label Studio label config, and the image it labels."""
+    try:
+        from defusedxml.ElementTree import fromstring
+    except ImportError:  # pragma: no cover - defusedxml ships with label-studio-sdk
+        from xml.etree.ElementTree import fromstring
+    try:
+        root = fromstring(xml)
+    except Exception as exc:  # ParseError and defusedxml's refusals
+        raise ConfigError(f"label config is not valid XML: {exc}") from exc
+    choices = next(iter(root.iter("Choices")), None)
+    if choices is None:
+        raise ConfigError("label config has no <Choices> tag")
+    labels = [c.get("value") or c.get("alias") for c in choices.iter("Choice")]
+    labels = [l for l in labels if l]
+    if not labels:
+        raise ConfigError("label config <Choices> has no <Choice value=...>")
+    to_name = choices.get("toName")
+    image_field = None
+    for image in root.iter("Image"):
+        if to_name is None or image.get("name") == to_name:
+            value = image.get("value", "")
+            image_field = value[1:] if value.startswith("$") else value or None
+            to_name = to_name or image.get("name")
+            break
+    return LabelConfig(list(dict.fromkeys(labels)), choices.get("name"), to_name, image_field)
+
+
+def read_export(path: str | os.PathLike) -> list[dict]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: export file not found") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not a JSON export ({exc})") from exc
+    if isinstance(data, dict) and "tasks" in data:
+        data = data["tasks"]
+    if not isinstance(data, list):
+        raise ConfigError(f"{path}: a Label Studio JSON export is a list of tasks")
+    return data
+
+
+def annotation_choices(annotation: dict, from_name: str | None = None) -> list[str]:
+    out: list[str] = []
+    for item in annotation.get("result") or []:
+        if not isinstance(item, dict) or item.get("type", "choices") != "choices":
+            continue
+        if from_name and item.get("from_name") not in (None, from_name):
+            continue
+        for choice in (item.get("value") or {}).get("choices") or []:
+            if isinstance(choice, str) and choice not in out:
+                out.append(choice)
+    return out
+
+
+def _annotation_time(annotation: dict) -> tuple:
+    return (
+        str(annotation.get("updated_at") or annotation.get("created_at") or ""),
+        annotation.get("id") if isinstance(annotation.get("id"), int) else -1,
+    )
+
+
+def task_positives(task: dict, from_name: str | None = None, policy: str = "union") -> tuple[list[str], int]:
+    """(chosen labels, number of cancelled annotations) of one task."""
+    cancelled = 0
+    usable = []
+    for annotation in task.get("annotations") or []:
+        if not isinstance(annotation, dict):
+            continue
+        if annotation.get("was_cancelled"):
+            cancelled += 1
+            continue
+        choices = annotation_choices(annotation, from_name)
+        if choices:
+            usable.append((annotation, choices))
+    if not usable:
+        return [], cancelled
+    if policy == "latest":
+        return max(usable, key=lambda ac: _annotation_time(ac[0]))[1], cancelled
+    if policy != "union":
+        raise ValueError(f"unknown annotation policy {policy!r} (union, latest)")
+    out: list[str] = []
+    for _, choices in usable:
+        out.extend(c for c in choices if c not in out)
+    return out, cancelled
+
+
+def task_image(task: dict, image_field: str | None = None) -> str | None:
+    data = task.get("data") or {}
+    if image_field and isinstance(data.get(image_field), str):
+        return data[image_field]
+    for key in ("image", "img", "url", "image_url"):
+        if isinstance(data.get(key), str):
+            return data[key]
+    strings = [v for v in data.values() if isinstance(v, str)]
+    return strings[0] if len(strings) == 1 else None
+
+
+def examples_from_tasks(
+    tasks: Iterable[dict],
+    labels: Sequence[str] | None = None,
+    *,
+    from_name: str | None = None,
+    image_field: str | None = None,
+    policy: str = "union",
+    images_root: str | os.PathLike | None = None,
+) -> tuple[list[Example], ExportReport]:
+    """Partial-label examples of an export (rules in the module docstring)."""
+    allowed = set(labels) if labels is not None else None
+    report = ExportReport()
+    out = []
+    for task in tasks:
+        report.tasks += 1
+        image = task_image(task, image_field)
+        if not image:
+            report.skipped_no_image += 1
+            continue
+        positives, cancelled = task_positives(task, from_name, policy)
+        report.cancelled_annotations += cancelled
+        if allowed is not None:
+            for name in positives:
+                if name not in allowed:
+                    report.unknown_labels[name] = report.unknown_labels.get(name, 0) + 1
+            positives = [p for p in positives if p in allowed]
+        if not positives:
+            report.skipped_no_labels += 1
+            continue
+        source = resolve_image(image, images_root) if images_root else image
+        out.append(Example(source, positives, task.get("id")))
+    report.examples = len(out)
+    return out, report
+
+
+def resolve_image(source: str, images_root: str | os.PathLike) -> str:
+    """Map a task's image reference into ``images_root``.
+
+    Tries, in order: ``root/<path without a leading /data/ or />``, for
+    ``/data/local-files/?d=REL`` ``root/REL``, then ``root/<file name>``. Returns the first
+    that exists, else the source unchanged (http(s) and data URIs are never mapped)."""
+    if source.startswith(("http://", "https://", "data:")):
+        return source
+    root = Path(images_root)
+    parsed = urlparse(source)
+    candidates = []
+    if "d" in parse_qs(parsed.query):
+        candidates.append(root / unquote(parse_qs(parsed.query)["d"][0]))
+    path = unquote(parsed.path)
+    stripped = path[len("/data/") :] if path.startswith("/data/") else path.lstrip("/")
+    candidates += [root / stripped, root / Path(path).name]
+    if not Path(source).is_absolute():
+        candidates.insert(0, root / source)
+    for candidate in candidates:
+        if candidate.is_file():
+            return str(candidate)
+    return source
+
+
+def label_sets(examples: Sequence[Example]) -> list[list[str]]:
+    return [e.positives for e in examples]
+
+
+def attach_features(examples: Sequence[Example], runtime, progress: bool | None = None):
+    """Fetch and encode (or read from the cache) every example's image.
+
+    Returns ``(kept examples with .key set, global [N, D], local [N, P, D], errors)`` where
+    errors are the :class:`ImageError` of the images that could not be used."""
+    import torch
+
+    feats = runtime.features_for([e.image for e in examples], [e.task_id for e in examples], progress=progress)
+    kept, globals_, locals_, errors = [], [], [], []
+    for example, f in zip(examples, feats):
+        if isinstance(f, ImageError):
+            errors.append(f)
+            continue
+        example.key = f.key
+        kept.append(example)
+        globals_.append(f.global_)
+        locals_.append(f.local)
+    if errors:
+        log.warning("%d of %d images could not be used (first: %s)", len(errors), len(examples), errors[0])
+    if not kept:
+        raise ConfigError("no usable image among the examples" + (f" (first error: {errors[0]})" if errors else ""))
+    return kept, torch.stack(globals_), torch.stack(locals_), errors

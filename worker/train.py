@@ -1,0 +1,481 @@
+"""Training the SigRL heads on cached features, from partial labels.
+
+The worker's API (``/work``-independent summary in the README's model section)::
+
+    from worker.data import examples_from_tasks, attach_features
+    from worker.train import train_model
+    from backend.model import save_model
+
+    examples, report = examples_from_tasks(tasks, labels)
+    examples, G, L, errors = attach_features(examples, runtime)        # cached features
+    result = train_model(examples, runtime.label_space(labels), (G, L),
+                         backbone=runtime.backbone, progress=job_meta_update)
+    save_model(result.model, out_dir, metrics=result.metrics)
+
+Training never re-encodes images: it takes feature tensors (or a FeatureStore and examples
+whose ``key`` is set). AdamW, early stopping on the mAP of a held-out split of the partial
+labels (the model state of the best epoch is kept), fixed seeds, CUDA when available
+(``train.device``), deterministic on the CPU for a fixed seed.
+
+Known-label conditioning is learnt C-Tran style: in a training step, for a ``known_rate``
+share of the images with at least two chosen labels, a random non-empty proper subset of
+the chosen labels is given to the model as *known*; the loss then counts only the other
+labels of that image.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from backend.errors import ConfigError
+from backend.features import FeatureStore
+from backend.labels import LabelSpace
+from backend.model.checkpoint import TrainedModel
+from backend.model.config import LossSettings, ModelSettings, TrainSettings
+from backend.model.cooccurrence import CooccurrenceStats
+from backend.model.sigrl import SigRL, label_graph
+from backend.model.zeroshot import similarity as zero_shot_similarity
+from backend.settings import Settings, get_settings
+
+from .data import Example
+from .losses import PartialLabelLoss, label_similarity
+from .metrics import mean_average_precision
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[dict], Any]
+
+
+@dataclass
+class TrainResult:
+    model: TrainedModel
+    metrics: dict  # held-out metrics (partial labels of the validation split)
+    summary: dict
+    history: list[dict] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------- helpers
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def targets(label_sets: Sequence[Sequence[str]], names: Sequence[str]) -> torch.Tensor:
+    index = {n: i for i, n in enumerate(names)}
+    y = torch.zeros(len(label_sets), len(names))
+    for b, labels in enumerate(label_sets):
+        for name in labels:
+            if name in index:
+                y[b, index[name]] = 1.0
+    return y
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) indices: a seeded permutation; no validation below 10 examples."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = int(round(n * val_fraction)) if n >= 10 else 0
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def sample_known(y: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:
+    """``[B, C]`` known mask: for a ``rate`` share of rows with ≥ 2 positives, a random
+    subset of 1 .. n−1 of the positives."""
+    n_pos = y.sum(1)
+    eligible = (n_pos >= 2) & (torch.rand(y.shape[0], generator=generator) < rate)
+    if not eligible.any():
+        return torch.zeros_like(y)
+    size = (torch.rand(y.shape[0], generator=generator) * (n_pos - 1)).floor() + 1  # 1 .. n−1
+    noise = torch.rand(y.shape, generator=generator)
+    noise = torch.where(y > 0, noise, torch.full_like(noise, 2.0))
+    rank = noise.argsort(1).argsort(1).float()  # rank of each positive among the positives
+    known = (rank < size[:, None]) & (y > 0) & eligible[:, None]
+    return known.float()
+
+
+def feature_tensors(examples: Sequence[Example], features) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(global [N, D], local [N, P, D])`` from tensors, a list of Features or a FeatureStore."""
+    if isinstance(features, FeatureStore):
+        keys = [e.key for e in examples]
+        if any(k is None for k in keys):
+            raise ConfigError("examples need feature keys (worker.data.attach_features) to use a FeatureStore")
+        return features.load_many(keys)
+    if isinstance(features, (tuple, list)) and len(features) == 2 and isinstance(features[0], torch.Tensor):
+        G, L = features
+    else:
+        from backend.features import stack
+
+        G, L = stack(list(features))
+    if G.shape[0] != len(examples) or L.shape[0] != len(examples):
+        raise ConfigError(f"{len(examples)} examples but features of {G.shape[0]} images")
+    return G.float(), L.float()
+
+
+def backbone_info(backbone) -> dict:
+    if isinstance(backbone, dict):
+        info = dict(backbone)
+    else:
+        info = {
+            "name": backbone.name,
+            "fingerprint": backbone.fingerprint,
+            "dim": backbone.dim,
+            "zero_shot_scale": float(backbone.zero_shot_scale),
+            "zero_shot_bias": float(backbone.zero_shot_bias),
+        }
+    for key in ("name", "fingerprint", "zero_shot_scale", "zero_shot_bias"):
+        if key not in info:
+            raise ConfigError(f"backbone description lacks {key!r}")
+    return info
+
+
+@dataclass
+class FitOutcome:
+    best_state: dict
+    history: list[dict]
+    best_epoch: int
+    best_val_map: float
+    epochs_run: int
+    seconds: float
+
+
+def fit(
+    module: torch.nn.Module,
+    forward: Callable,
+    G: torch.Tensor,
+    L: torch.Tensor,
+    Y: torch.Tensor,
+    train_idx: torch.Tensor,
+    val_idx: torch.Tensor,
+    loss_fn: PartialLabelLoss,
+    tcfg: TrainSettings,
+    *,
+    seed: int,
+    device: torch.device,
+    zero_shot: torch.Tensor | None = None,
+    known_rate: float = 0.0,
+    recon_weight: float = 0.0,
+    conditional_loss: PartialLabelLoss | None = None,
+    progress: Progress | None = None,
+    desc: str = "train",
+    show_progress: bool | None = None,
+) -> FitOutcome:
+    """The training loop shared by the SigRL heads and the baselines.
+
+    ``forward(g, l, known, targets) -> (logits, reconstruction_loss, visual_logits,
+    cooc_logits)``; all but the first may be None (``targets``: the batch's annotated
+    labels, for leave-one-out co-occurrence counts). With known labels the loss is the loss
+    of the visual logits on every label plus ``conditional_loss`` (default: the same loss)
+    of the co-occurrence expert on the labels that were not given, for the images that had
+    known labels: conditioning never takes supervision away from the visual model, and the
+    expert learns from the known labels alone."""
+    t0 = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed + 1)
+    on_device = G.element_size() * (G.numel() + L.numel()) < 2**31
+    if on_device:
+        G, L = G.to(device), L.to(device)
+    zs_dev = zero_shot.to(device) if zero_shot is not None else None
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    loss_fn.to(device)
+    best_state = copy.deepcopy(module.state_dict())
+    ema = copy.deepcopy(best_state) if tcfg.ema_decay > 0 else None
+    best_map, best_epoch, stale = -math.inf, 0, 0
+    history: list[dict] = []
+    n_train = len(train_idx)
+    steps = max(1, math.ceil(n_train / tcfg.batch_size))
+    bar = tqdm(range(1, tcfg.epochs + 1), desc=desc, unit="epoch", leave=False,
+               disable=(not show_progress) if show_progress is not None else None)
+    epoch = 0
+    for epoch in bar:
+        module.train()
+        order = train_idx[torch.randperm(n_train, generator=generator)]
+        total = 0.0
+        for step in range(steps):
+            idx = order[step * tcfg.batch_size : (step + 1) * tcfg.batch_size]
+            y = Y[idx]
+            known = sample_known(y, known_rate, generator) if known_rate > 0 else None
+            g, l = (G[idx.to(G.device)], L[idx.to(L.device)])
+            g, l = g.to(device, non_blocking=True), l.to(device, non_blocking=True)
+            y = y.to(device)
+            known_dev = known.to(device) if known is not None and known.any() else None
+            logits, recon, visual, cooc = (tuple(forward(g, l, known_dev, y)) + (None,) * 4)[:4]
+            zs = zs_dev[idx.to(zs_dev.device)] if zs_dev is not None else None
+            if known_dev is not None and cooc is not None:
+                rows = (known_dev.sum(1, keepdim=True) > 0).float()
+                loss = loss_fn(visual, y, None, zs) + (conditional_loss or loss_fn)(
+                    cooc, y, (1.0 - known_dev) * rows, zs)
+            else:
+                loss = loss_fn(logits, y, None, zs)
+            if recon_weight > 0:
+                loss = loss + recon_weight * recon
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for key, value in module.state_dict().items():
+                        if value.is_floating_point():
+                            ema[key].mul_(tcfg.ema_decay).add_(value, alpha=1.0 - tcfg.ema_decay)
+            total += float(loss.detach())
+        record = {"stage": "train", "epoch": epoch, "epochs": tcfg.epochs, "loss": round(total / steps, 5)}
+        current = None
+        if ema is not None:  # evaluate (and keep) the averaged weights
+            current = copy.deepcopy(module.state_dict())
+            module.load_state_dict(ema)
+        if len(val_idx) > 0:
+            val_logits = predict_logits(module, forward, G, L, val_idx, device, tcfg.batch_size * 4)
+            val_map = mean_average_precision(val_logits, Y[val_idx])
+            record["val_map"] = round(val_map, 5) if not math.isnan(val_map) else None
+            if not math.isnan(val_map) and val_map > best_map + 1e-6:
+                best_map, best_epoch, stale = val_map, epoch, 0
+                best_state = copy.deepcopy(module.state_dict())
+            else:
+                stale += 1
+        else:
+            best_state, best_epoch = copy.deepcopy(module.state_dict()), epoch
+        if current is not None:
+            module.load_state_dict(current)
+        record["seconds"] = round(time.perf_counter() - t0, 3)
+        history.append(record)
+        bar.set_postfix(loss=record["loss"], val_map=record.get("val_map"))
+        if progress is not None:
+            progress(dict(record))
+        if len(val_idx) > 0 and stale >= tcfg.patience:
+            break
+    bar.close()
+    module.load_state_dict(best_state)
+    module.eval()
+    return FitOutcome(best_state, history, best_epoch, best_map, epoch, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def predict_logits(module, forward, G, L, idx, device, batch_size: int = 256, known=None) -> torch.Tensor:
+    was_training = module.training
+    module.eval()
+    out = []
+    for start in range(0, len(idx), batch_size):
+        part = idx[start : start + batch_size]
+        g, l = G[part.to(G.device)].to(device), L[part.to(L.device)].to(device)
+        k = known[start : start + batch_size].to(device) if known is not None else None
+        logits = forward(g, l, k)[0]
+        out.append(logits.float().cpu())
+    module.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def calibrate_init(module: SigRL, G, L, H, global_weight: float, top_k: int, density: float) -> None:
+    """Shift the fresh model's logits (bias, in logit units) so that a ``density`` share of
+    the training image–label pairs starts positive. A shift common to all labels: the
+    ranking is still exactly the zero-shot model's."""
+    with torch.no_grad():
+        sims = []
+        for start in range(0, G.shape[0], 256):
+            sims.append(zero_shot_similarity(G[start : start + 256], L[start : start + 256], H, global_weight, top_k))
+        z = module.log_scale.exp() * (torch.cat(sims).flatten().float() - module.centre)
+        q = min(max(1.0 - density, 0.05), 0.95)
+        module.bias.fill_(-float(torch.quantile(z[: 2_000_000], q)))
+
+
+# ------------------------------------------------------------------------------ API
+def train_model(
+    examples: Sequence[Example],
+    space: LabelSpace,
+    features,
+    settings: Settings | None = None,
+    *,
+    backbone=None,
+    seed: int | None = None,
+    progress: Progress | None = None,
+    model_cfg: ModelSettings | None = None,
+    loss_cfg: LossSettings | None = None,
+    train_cfg: TrainSettings | None = None,
+    taxonomy=None,
+    show_progress: bool | None = None,
+) -> TrainResult:
+    """Train SigRL heads on partial-label ``examples`` over the labels of ``space``.
+
+    ``features``: ``(global [N, D], local [N, P, D])`` aligned with ``examples``, a list of
+    :class:`~backend.features.Features`, or a FeatureStore (examples with ``key``).
+    ``backbone``: the Backbone that made the features (or a dict with ``name``,
+    ``fingerprint``, ``zero_shot_scale``, ``zero_shot_bias``); taken from the FeatureStore
+    when one is given. ``progress`` receives one dict per epoch:
+    ``{"stage": "train", "epoch", "epochs", "loss", "val_map", "seconds"}``."""
+    settings = settings or get_settings()
+    mcfg = model_cfg or settings.model
+    lcfg = loss_cfg or settings.loss
+    tcfg = train_cfg or settings.train
+    seed = tcfg.seed if seed is None else int(seed)
+    if backbone is None and isinstance(features, FeatureStore):
+        backbone = features.backbone
+    if backbone is None:
+        raise ConfigError("train_model needs the backbone (or its description) that made the features")
+    info = backbone_info(backbone)
+    taxonomy = taxonomy if taxonomy is not None else space.taxonomy
+    if not examples:
+        raise ConfigError("no annotated examples to train on")
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    t_start = time.perf_counter()
+    device = resolve_device(tcfg.device)
+    if progress:
+        progress({"stage": "features", "images": len(examples)})
+    G, L = feature_tensors(examples, features)
+    names = space.names
+    Y = targets([e.positives for e in examples], names)
+    train_idx, val_idx = split_indices(len(examples), tcfg.val_fraction, seed)
+    stats_train = CooccurrenceStats.from_label_sets([examples[i].positives for i in train_idx.tolist()])
+
+    torch.manual_seed(seed)
+    module = SigRL(G.shape[1], mcfg, info["zero_shot_scale"], info["zero_shot_bias"])
+    zs_cfg = settings.zero_shot
+    module.fit_feature_stats(G[train_idx], L[train_idx])
+    H = space.embeddings.float()
+    density = float(Y[train_idx].sum(1).mean() / max(1, len(names)))
+    calibrate_init(module, G[train_idx], L[train_idx], H, mcfg.global_weight, mcfg.local_top_k, density)
+    module.to(device)
+    H_dev = H.to(device)
+    graph = label_graph(stats_train, names, H, mcfg).to(device)
+
+    zero_shot = None
+    if lcfg.kind == "em_pl":
+        from backend.model.zeroshot import zero_shot_probs
+
+        zero_shot = torch.cat([
+            zero_shot_probs(G[s : s + 256], L[s : s + 256], H, global_weight=zs_cfg.global_weight,
+                            top_k=zs_cfg.local_top_k, scale=info["zero_shot_scale"], bias=info["zero_shot_bias"])
+            for s in range(0, G.shape[0], 256)
+        ])
+    loss_fn = PartialLabelLoss(lcfg, label_similarity(lcfg, names, H, taxonomy))
+    conditional_loss = PartialLabelLoss(
+        lcfg.model_copy(update={"kind": lcfg.conditional_kind, "semantic": False, "ranking_weight": 0.0}))
+
+    def forward(g, l, known, targets=None):
+        out = module(g, l, H_dev, graph, known, targets=targets)
+        return out.logits, out.reconstruction_loss, out.visual_logits, out.cooc_logits
+
+    outcome = fit(
+        module, forward, G, L, Y, train_idx, val_idx, loss_fn, tcfg,
+        seed=seed, device=device, zero_shot=zero_shot,
+        known_rate=tcfg.known_rate if mcfg.use_known else 0.0,
+        recon_weight=lcfg.reconstruction_weight if mcfg.use_svfr else 0.0,
+        conditional_loss=conditional_loss,
+        progress=progress, desc="train SigRL", show_progress=show_progress,
+    )
+    module.cpu()
+    stats_all = CooccurrenceStats.from_label_sets([e.positives for e in examples])
+    metrics = held_out_metrics(module, graph.to("cpu"), H, G, L, Y, val_idx, names)
+    summary = {
+        "images": len(examples),
+        "train_images": int(len(train_idx)),
+        "val_images": int(len(val_idx)),
+        "labels": len(names),
+        "labels_with_examples": int((Y.sum(0) > 0).sum()),
+        "positives": int(Y.sum()),
+        "epochs_run": outcome.epochs_run,
+        "best_epoch": outcome.best_epoch,
+        "train_seconds": round(outcome.seconds, 3),
+        "total_seconds": round(time.perf_counter() - t_start, 3),
+        "device": str(device),
+        "seed": seed,
+    }
+    model = TrainedModel(
+        module=module,
+        labels=list(names),
+        stats=stats_all,
+        backbone={k: info[k] for k in ("name", "fingerprint") if k in info} | {"dim": int(G.shape[1])},
+        loss=lcfg.model_dump(),
+        train=tcfg.model_dump(),
+        seed=seed,
+        summary=summary,
+        taxonomy=dict(taxonomy.parent) if taxonomy is not None else None,
+    )
+    if progress:
+        progress({"stage": "trained", **{k: summary[k] for k in ("epochs_run", "best_epoch", "train_seconds")},
+                  "val_map": metrics.get("mAP")})
+    return TrainResult(model, metrics, summary, outcome.history)
+
+
+def held_out_metrics(module, graph, H, G, L, Y, val_idx, names) -> dict:
+    """Metrics on the validation split of the partial labels (what early stopping saw)."""
+    from .metrics import evaluate_scores
+
+    if len(val_idx) == 0:
+        return {"split": "none (fewer than 10 examples)", "images": 0}
+
+    def forward(g, l, known, targets=None):
+        return module(g, l, H, graph, known).logits, None, None
+
+    logits = predict_logits(module, forward, G, L, val_idx, torch.device("cpu"))
+    out = evaluate_scores(logits, Y[val_idx], names=names, ks=(1, 3, 5))
+    out.pop("AP_per_label", None)
+    return {"mAP": out.pop("mAP"), **out, "split": "held-out partial labels"}
+
+
+def train_and_save(
+    train_tasks: Sequence[dict],
+    holdout_tasks: Sequence[dict],
+    labels,
+    runtime,
+    out_dir,
+    settings: Settings | None = None,
+    progress: Progress | None = None,
+    seed: int | None = None,
+    taxonomy=None,
+    policy: str = "union",
+) -> dict:
+    """Everything a training job does: Label Studio tasks → features (cached) → trained
+    heads saved in ``out_dir`` → metrics on the held-out tasks.
+
+    ``labels``: a label config XML string or a list of label names. Returns ``{"metrics",
+    "labels", "summary", "config", "export"}``; ``metrics`` are on ``holdout_tasks`` (their
+    annotations as truth) when there are any, else on the validation split."""
+    from backend.model.checkpoint import save_model
+    from backend.model.serving import SigRLPredictor
+
+    from .data import attach_features, examples_from_tasks, parse_label_config
+    from .evaluate import evaluate_tasks
+
+    settings = settings or runtime.settings
+    if isinstance(labels, str):
+        cfg = parse_label_config(labels)
+        names, from_name, image_field = cfg.labels, cfg.from_name, cfg.image_field
+    else:
+        names, from_name, image_field = list(labels), None, None
+    examples, report = examples_from_tasks(
+        train_tasks, names, from_name=from_name, image_field=image_field, policy=policy
+    )
+    if not examples:
+        raise ConfigError(f"no usable annotation among {len(train_tasks)} training tasks ({report.to_dict()})")
+    if progress:
+        progress({"stage": "features", "images": len(examples)})
+    examples, G, L, errors = attach_features(examples, runtime)
+    space = runtime.label_space(names, taxonomy)
+    result = train_model(examples, space, (G, L), settings, backbone=runtime.backbone, seed=seed,
+                         progress=progress, taxonomy=taxonomy)
+    metrics = dict(result.metrics)
+    if holdout_tasks:
+        if progress:
+            progress({"stage": "evaluating", "tasks": len(holdout_tasks)})
+        predictor = SigRLPredictor(result.model, zero_shot=runtime.zero_shot_predictor())
+        try:
+            metrics = evaluate_tasks(predictor, holdout_tasks, names, runtime, taxonomy=taxonomy)
+            metrics["validation_mAP"] = result.metrics.get("mAP")
+        except ConfigError as exc:  # held-out tasks without usable labels: keep the validation figures
+            log.warning("held-out evaluation skipped: %s", exc)
+    save_model(result.model, out_dir, metrics=metrics)
+    summary = {**result.summary, "image_errors": len(errors), "model_id": result.model.model_id}
+    return {
+        "metrics": metrics,
+        "labels": names,
+        "summary": summary,
+        "config": {"model": result.model.config.model_dump(), "loss": result.model.loss, "train": result.model.train},
+        "export": report.to_dict(),
+    }
