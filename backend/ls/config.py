@@ -1,0 +1,230 @@
+"""A project's label config, as semlabel serves it (parsed with label-studio-sdk's LabelInterface).
+
+semlabel serves every ``<Choices>`` bound to an ``<Image>`` (a *binding*; a config may have
+several). Each ``<Choice>`` becomes a :class:`~backend.labels.Label` whose name is what Label
+Studio stores for it — the ``alias`` when there is one, else the ``value`` — and whose extra
+prompt texts are the ``value`` (when an alias replaced it) and the ``hint``.
+
+An optional ``<TextArea name="semlabel_reasons" toName="image">`` (name from
+``backend.reasons_textarea``) receives human-readable scores and reasons.
+
+Parsing is pure and cached by the config's hash, so calling :func:`parse_label_config` on
+every request costs a dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from ..errors import ConfigError
+from ..labels import Label
+
+log = logging.getLogger(__name__)
+
+_TRUE = {"true", "1", "yes"}
+
+
+class TaskDataError(ValueError):
+    """A task whose data does not hold the image a binding needs."""
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One ``<Choices>`` (``control``) bound to one ``<Image>`` (``object``)."""
+
+    control: str
+    object: str
+    data_key: str | None  # "$image" -> "image"; None when the Image value is a constant
+    constant: str | None
+    multiple: bool
+    labels: tuple[Label, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [label.name for label in self.labels]
+
+    def source(self, task: Mapping[str, Any]) -> str:
+        """The image reference of ``task`` for this binding (``TaskDataError`` if absent)."""
+        if self.data_key is None:
+            return str(self.constant)
+        data = task.get("data") if isinstance(task, Mapping) else None
+        if not isinstance(data, Mapping):
+            raise TaskDataError("the task has no 'data' object")
+        value = data.get(self.data_key)
+        if value is None and "." in self.data_key:  # "$item.url": nested data
+            value = data
+            for part in self.data_key.split("."):
+                value = value.get(part) if isinstance(value, Mapping) else None
+        if not isinstance(value, str) or not value.strip():
+            raise TaskDataError(f"the task's data has no image under {self.data_key!r}")
+        return value.strip()
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    """The parts of a label config semlabel uses."""
+
+    digest: str
+    bindings: tuple[Binding, ...]
+    reasons: Mapping[str, str] = field(default_factory=dict)  # textarea name -> to_name
+    notes: tuple[str, ...] = ()
+
+    def binding(self, control: str) -> Binding | None:
+        for b in self.bindings:
+            if b.control == control:
+                return b
+        return None
+
+    def chosen(self, result: Iterable[Any] | None) -> tuple[dict[str, list[str]], list[str]]:
+        """Labels chosen in a Label Studio ``result`` list, per binding control name, and
+        the values that are not labels of the config (``"labels:bird"``), which callers
+        ignore with a note."""
+        chosen: dict[str, list[str]] = {b.control: [] for b in self.bindings}
+        unknown: list[str] = []
+        for item in result or []:
+            if not isinstance(item, Mapping) or item.get("type", "choices") != "choices":
+                continue
+            binding = self.binding(str(item.get("from_name", "")))
+            if binding is None:
+                continue
+            to_name = item.get("to_name")
+            if to_name is not None and to_name != binding.object:
+                other = next((b for b in self.bindings
+                              if b.control == binding.control and b.object == to_name), None)
+                if other is None:
+                    continue
+                binding = other
+            value = item.get("value") if isinstance(item.get("value"), Mapping) else {}
+            names = set(binding.names)
+            for choice in value.get("choices") or []:
+                if choice in names:
+                    if choice not in chosen[binding.control]:
+                        chosen[binding.control].append(choice)
+                else:
+                    unknown.append(f"{binding.control}:{choice}")
+        return chosen, unknown
+
+
+def config_digest(xml: str) -> str:
+    return hashlib.sha256(xml.encode("utf-8")).hexdigest()[:16]
+
+
+def _labels_of(control) -> tuple[Label, ...]:
+    out = []
+    for name in control.labels:
+        attrs = dict(getattr(control.labels_attrs.get(name), "attr", {}) or {})
+        texts = []
+        value = attrs.get("value")
+        if isinstance(value, str) and value.strip() and value.strip() != name:
+            texts.append(value.strip())
+        hint = attrs.get("hint")
+        if isinstance(hint, str) and hint.strip() and hint.strip() not in texts and hint.strip() != name:
+            texts.append(hint.strip())
+        out.append(Label(name, tuple(texts)))
+    return tuple(out)
+
+
+def _parse(xml: str, reasons_name: str) -> ProjectConfig:
+    from label_studio_sdk.label_interface import LabelInterface
+    from label_studio_sdk.label_interface.control_tags import ChoicesTag, TextAreaTag
+    from label_studio_sdk.label_interface.object_tags import ImageTag
+
+    if not isinstance(xml, str) or not xml.strip():
+        raise ConfigError("the label config is empty")
+    try:
+        li = LabelInterface(xml)
+    except Exception as exc:  # the SDK raises several XML error types
+        raise ConfigError(f"the label config is not valid XML: {str(exc).splitlines()[0][:200]}") from exc
+
+    bindings: list[Binding] = []
+    notes: list[str] = []
+    seen_other: list[str] = []
+    for control in li.controls:
+        if not isinstance(control, ChoicesTag):
+            continue
+        attr = control.attr or {}
+        images = [o for o in control.objects if isinstance(o, ImageTag)]
+        others = [o for o in control.objects if not isinstance(o, ImageTag)]
+        for o in others:
+            seen_other.append(f"<Choices name={control.name!r}> is bound to <{o.tag} name={o.name!r}>")
+        if not images:
+            continue
+        if str(attr.get("perRegion", "")).lower() in _TRUE:
+            notes.append(f"<Choices name={control.name!r}> is per region; not served")
+            continue
+        if str(attr.get("value", "")).startswith("$"):
+            notes.append(f"<Choices name={control.name!r}> takes its choices from task data; not served")
+            continue
+        labels = _labels_of(control)
+        if not labels:
+            notes.append(f"<Choices name={control.name!r}> has no <Choice>; not served")
+            continue
+        names = [l.name for l in labels]
+        if len(set(names)) != len(names):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            raise ConfigError(f"<Choices name={control.name!r}> has duplicate choices {dupes}")
+        for image in images:
+            value = image.value or ""
+            data_key = image.value_name if value.startswith("$") else None
+            bindings.append(
+                Binding(
+                    control=control.name,
+                    object=image.name,
+                    data_key=data_key,
+                    constant=None if data_key else value,
+                    multiple=bool(control.is_multiple_choice),
+                    labels=labels,
+                )
+            )
+    if not bindings:
+        found = "; ".join(seen_other + notes) or "no <Choices> at all"
+        raise ConfigError(
+            "the label config has no <Choices> bound to an <Image> (semlabel labels images with "
+            f"<Choices toName=\"<image>\">): {found}"
+        )
+    reasons: dict[str, str] = {}
+    image_names = {b.object for b in bindings}
+    for control in li.controls:
+        if isinstance(control, TextAreaTag) and control.name == reasons_name:
+            targets = [t for t in (control.to_name or []) if t in image_names]
+            reasons[control.name] = targets[0] if targets else bindings[0].object
+    return ProjectConfig(config_digest(xml), tuple(bindings), reasons, tuple(notes + seen_other))
+
+
+class ConfigCache:
+    """LRU cache of parsed configs by their hash (thread-safe)."""
+
+    def __init__(self, reasons_name: str = "semlabel_reasons", size: int = 64):
+        self.reasons_name = reasons_name
+        self.size = size
+        self._items: OrderedDict[str, ProjectConfig | ConfigError] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, xml: str) -> ProjectConfig:
+        key = config_digest(xml if isinstance(xml, str) else "")
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+        if hit is None:
+            try:
+                hit = _parse(xml, self.reasons_name)
+            except ConfigError as exc:
+                hit = exc
+            with self._lock:
+                self._items[key] = hit
+                while len(self._items) > self.size:
+                    self._items.popitem(last=False)
+        if isinstance(hit, ConfigError):
+            raise ConfigError(str(hit))
+        return hit
+
+
+def parse_label_config(xml: str, reasons_name: str = "semlabel_reasons") -> ProjectConfig:
+    """Parse without caching (see :class:`ConfigCache` for the cached form)."""
+    return _parse(xml, reasons_name)

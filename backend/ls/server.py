@@ -1,0 +1,152 @@
+"""Running the app: gunicorn in-process (``semlabel serve``) and as a child process (tests, the
+latency benchmark).
+
+One process holds one model: with ``--workers N`` every worker loads the backbone itself, so on a
+CPU machine prefer one worker with several threads (requests share the model; the compute is
+serialised, downloads and webhooks are not).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+DEFAULT_PORT = 9090
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def run_gunicorn(factory: Callable, *, host: str, port: int, workers: int = 1, threads: int = 4,
+                 timeout: int = 120, access_log: bool = False) -> None:
+    """Serve ``factory()`` (called in each worker) with gunicorn's threaded workers; blocks."""
+    from gunicorn.app.base import BaseApplication
+
+    multiproc_dir = None
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiproc_dir = tempfile.mkdtemp(prefix="semlabel-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
+
+    def child_exit(server, worker):
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(worker.pid)
+
+    options = {
+        "bind": f"{host}:{port}",
+        "workers": workers,
+        "threads": threads,
+        "worker_class": "gthread",
+        # /predict may take Label Studio's whole 100 s on a large batch of new images.
+        "timeout": timeout,
+        "graceful_timeout": 30,
+        "accesslog": "-" if access_log else None,
+        "child_exit": child_exit,
+        # gunicorn >= 27: no control socket (one fixed path per user; several servers collide).
+        "control_socket_disable": True,
+    }
+
+    class _App(BaseApplication):
+        def load_config(self):
+            for key, value in options.items():
+                if value is not None and key in self.cfg.settings:
+                    self.cfg.set(key, value)
+
+        def load(self):
+            return factory()
+
+    try:
+        _App().run()
+    finally:
+        if multiproc_dir:
+            shutil.rmtree(multiproc_dir, ignore_errors=True)
+
+
+class ServerProcess:
+    """``semlabel serve`` as a child process on a free port, ready when ``/health`` says so."""
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int | None = None, env: dict | None = None,
+                 args: tuple[str, ...] = (), log_path: str | Path | None = None):
+        self.host = host
+        self.port = port or free_port(host)
+        self.env = {**os.environ, **(env or {})}
+        self.args = tuple(args)
+        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="semlabel-serve-", suffix=".log")[1])
+        self.proc: subprocess.Popen | None = None
+        self.ready_in_s: float | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "worker.cli", "serve", "--host", self.host, "--port", str(self.port),
+                *self.args]
+
+    def start(self, timeout: float = 180.0) -> "ServerProcess":
+        return self.launch().wait_ready(timeout)
+
+    def launch(self) -> "ServerProcess":
+        """Start the process without waiting (see :meth:`wait_ready`)."""
+        self._started = time.perf_counter()
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.command(), env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        log.close()
+        return self
+
+    def wait_ready(self, timeout: float = 180.0) -> "ServerProcess":
+        import requests
+
+        started = self._started
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"semlabel serve exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    self.ready_in_s = round(time.perf_counter() - started, 2)
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise TimeoutError(f"semlabel serve not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

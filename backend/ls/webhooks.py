@@ -1,0 +1,152 @@
+"""Label Studio webhooks: persist, queue review jobs, and keep the webhook authenticated.
+
+:func:`handle_webhook` is the whole of ``POST /webhook``: the event goes to Redis through
+:func:`backend.events.record_webhook` (validated, persisted and debounced into a training job on
+the RQ ``gpu`` queue before it returns, ~2 ms), then annotation events add review jobs
+(:mod:`.review`). Label Studio waits one second for the answer; nothing here waits on a model.
+
+Basic auth and webhooks: Label Studio sends its webhooks **without** the ML backend's
+credentials (only ``START_TRAINING`` carries them). semlabel does not exempt ``/webhook`` from
+basic auth — an unauthenticated webhook could inject annotations into training — so when basic
+auth is on, :class:`WebhookAuth` adds the ``Authorization`` header to the project's webhook in
+Label Studio itself, right after Label Studio calls ``/setup`` (it does when the model is
+connected, before any annotation can be sent).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from typing import Any, Mapping
+from urllib.parse import urlparse
+
+from ..errors import InvalidWebhook, RedisUnavailable
+from . import metrics
+from .review import jobs_for_webhook
+
+log = logging.getLogger(__name__)
+
+
+def handle_webhook(service, payload: Any) -> dict:
+    """Record one webhook payload. Raises :class:`InvalidWebhook` (nothing stored),
+    :class:`RedisUnavailable` or ``redis.RedisError`` (nothing stored)."""
+    from ..events import parse_webhook, record_webhook
+
+    if not isinstance(payload, Mapping):
+        raise InvalidWebhook("payload is not a JSON object")
+    action = str(payload.get("action") or "").strip().upper() or "?"
+    redis = service.redis
+    if redis is None:
+        parse_webhook(dict(payload))  # a malformed payload is a 400 even without Redis
+        raise RedisUnavailable("no Redis answers; the event cannot be stored")
+    result = record_webhook(redis, dict(payload), service.settings)
+    out = result.to_dict()
+    if result.ignored:
+        return out
+    jobs = []
+    if service.cfg.review.enabled and result.project is not None:
+        jobs = jobs_for_webhook(payload, result.project)
+    if jobs:
+        from .review import ReviewQueue
+
+        queue = service.review or ReviewQueue(service)
+        try:
+            out["review_jobs"] = queue.push(redis, jobs)
+        except Exception as exc:  # noqa: BLE001 - the event itself is stored; say so
+            log.error("project %s: review job not queued (%s); `semlabel suggest` can redo it",
+                      result.project, exc)
+            out["review_jobs"] = []
+    if result.training and action == "START_TRAINING":
+        out["job"] = result.training.get("job_id")  # Label Studio records it as the train job
+    return out
+
+
+class WebhookAuth:
+    """Makes the project's Label Studio webhook send this backend's basic-auth header.
+
+    After ``/setup`` (which Label Studio sends with the credentials and the project creator's
+    token), a background thread lists the project's webhooks and, for each one pointing at this
+    backend (same host and port as the ``/setup`` request, path ending in ``/webhook``), sets the
+    ``Authorization`` header. Retried a few times (the webhook is created while Label Studio is
+    still connecting the model), then again on a later ``/setup``; done once per project and
+    credential.
+    """
+
+    DELAYS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+    def __init__(self, header: str):
+        self.header = header
+        self._done: set[tuple] = set()
+        self._running: set[tuple] = set()
+        self._failed_at: dict[tuple, float] = {}
+        self._lock = threading.Lock()
+
+    def ensure(self, project: str | None, conn, host: str) -> threading.Thread | None:
+        if project is None or conn is None or not conn.api_key or not host:
+            return None
+        key = (project, conn.url, host.lower(), hashlib.sha256(self.header.encode()).hexdigest()[:12])
+        with self._lock:
+            if key in self._done or key in self._running:
+                return None
+            if time.monotonic() - self._failed_at.get(key, -1e9) < 60.0:
+                return None
+            self._running.add(key)
+        thread = threading.Thread(target=self._run, args=(key, project, conn, host), daemon=True,
+                                  name="semlabel-webhook-auth")
+        thread.start()
+        return thread
+
+    def _run(self, key, project, conn, host) -> None:
+        ok = False
+        try:
+            for delay in self.DELAYS:
+                time.sleep(delay)
+                try:
+                    if self.patch(project, conn, host):
+                        ok = True
+                        break
+                except Exception as exc:  # noqa: BLE001 - logged, retried
+                    log.warning("project %s: cannot set the webhook's credentials in Label Studio (%s: %s)",
+                                project, type(exc).__name__, str(exc)[:200])
+        finally:
+            with self._lock:
+                self._running.discard(key)
+                if ok:
+                    self._done.add(key)
+                else:
+                    self._failed_at[key] = time.monotonic()
+        if not ok:
+            log.error(
+                "project %s: found no Label Studio webhook for this backend to add its basic-auth "
+                "header to; annotation webhooks will be refused with 401. Set it by hand: "
+                "PATCH /api/webhooks/<id> {\"headers\": {\"Authorization\": \"Basic ...\"}}", project)
+
+    def patch(self, project: str, conn, host: str) -> bool:
+        """One attempt; True when at least one webhook of this backend now sends the header."""
+        import requests
+
+        headers = conn.auth_headers()
+        resp = requests.get(f"{conn.url}/api/webhooks", params={"project": project}, headers=headers, timeout=5)
+        resp.raise_for_status()
+        found = False
+        for hook in resp.json():
+            url = urlparse(str(hook.get("url", "")))
+            if url.netloc.lower() != host.lower() or not url.path.rstrip("/").endswith("/webhook"):
+                continue
+            found = True
+            current = dict(hook.get("headers") or {})
+            if current.get("Authorization") == self.header:
+                continue
+            current["Authorization"] = self.header
+            r = requests.patch(f"{conn.url}/api/webhooks/{hook['id']}", json={"headers": current},
+                               headers=headers, timeout=5)
+            r.raise_for_status()
+            log.warning("project %s: Label Studio webhook %s now sends this backend's basic-auth header",
+                        project, hook["id"])
+        return found
+
+
+def count(action: str, outcome: str) -> None:
+    metrics.WEBHOOKS.labels(action or "?", outcome).inc()

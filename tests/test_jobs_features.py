@@ -1,0 +1,50 @@
+"""The `cpu` queue: newly imported tasks' features are computed ahead of training by a real
+worker with the real (packaged) backbone, into the feature cache the trainer reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from rq import Queue
+from rq.job import Job
+
+from backend.events import record_webhook
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_tasks_created_prefetches_features_on_the_cpu_queue(redis_url, redis_conn, session_data_dir, sample_images,
+                                                            runtime, monkeypatch):
+    from backend.settings import reload_settings
+
+    roots = json.dumps([str(next(iter(sample_images.values())).parent)])
+    env = {**os.environ, "REDIS_URL": redis_url, "SEMLABEL_DATA_DIR": str(session_data_dir),
+           "SEMLABEL_BACKBONE__KIND": "packaged", "SEMLABEL_IMAGES__LOCAL_ROOTS": roots,
+           "SEMLABEL_WORKER__PRELOAD": "false", "HF_HUB_OFFLINE": "1"}
+    monkeypatch.setenv("SEMLABEL_WORKER__PREFETCH_FEATURES", "true")
+    settings = reload_settings()
+    tasks = [{"id": i + 1, "data": {"image": str(p)}} for i, p in enumerate(sample_images.values())]
+    tasks.append({"id": 99, "data": {"image": str(REPO / "no-such-image.png")}})
+    result = record_webhook(redis_conn, {"action": "TASKS_CREATED", "project": {"id": 5}, "tasks": tasks}, settings)
+    assert result.stored == 0 and not result.ignored
+    (job,) = Queue("cpu", connection=redis_conn).jobs
+    proc = subprocess.run([sys.executable, "-m", "worker.cli", "worker", "--burst", "--queue", "cpu"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job = Job.fetch(job.id, connection=redis_conn)
+    assert job.get_status() == "finished", proc.stderr[-3000:]
+    out = job.return_value()
+    assert out["images"] == len(tasks) and out["errors"] == 1
+    assert out["computed"] + out["cached"] == len(sample_images)
+    assert len(job.meta["errors"]) == 1 and "no-such-image.png" in job.meta["errors"][0]
+    # The trainer's runtime (same cache) now finds every image's features without encoding.
+    hits = runtime.features.hits
+    feats = runtime.features_for([str(p) for p in sample_images.values()])
+    assert all(not isinstance(f, Exception) for f in feats)
+    assert runtime.features.hits - hits == len(sample_images)
+    monkeypatch.undo()
+    reload_settings()

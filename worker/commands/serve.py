@@ -1,0 +1,293 @@
+"""``semlabel serve``, ``semlabel suggest`` and ``semlabel bench-api``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import time
+import uuid
+from pathlib import Path
+
+import click
+
+log = logging.getLogger("semlabel")
+
+
+def register(main: click.Group) -> None:
+    main.add_command(serve)
+    main.add_command(suggest)
+    main.add_command(bench_api)
+
+
+# ----------------------------------------------------------------------------------- serve
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0: all).")
+@click.option("--port", type=int, default=9090, show_default=True)
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Processes; each loads the model (on CPU prefer 1 with several threads).")
+@click.option("--threads", type=int, default=4, show_default=True, help="Request threads per process.")
+@click.option("--timeout", type=int, default=120, show_default=True,
+              help="Seconds a request may take (Label Studio waits 100 s for /predict).")
+@click.option("--with-worker", is_flag=True,
+              help="Also run Redis (embedded if none answers) and a training worker on this machine.")
+@click.option("--access-log", is_flag=True, help="Log every request.")
+def serve(host, port, workers, threads, timeout, with_worker, access_log) -> None:
+    """Serve the Label Studio ML backend (connect it in Label Studio: Settings → Model)."""
+    from backend.ls.server import run_gunicorn
+
+    def factory():
+        from backend.ls.app import create_app
+
+        return create_app()
+
+    click.echo(f"semlabel: serving on http://{host}:{port} ({workers} worker(s) x {threads} thread(s))", err=True)
+    if with_worker:
+        from worker.worker import local_stack
+
+        with local_stack(with_worker=True) as stack:
+            click.echo(f"semlabel: Redis {stack.redis_url.split('@')[-1]}, worker pid "
+                       f"{stack.worker.pid if stack.worker else '-'}", err=True)
+            run_gunicorn(factory, host=host, port=port, workers=workers, threads=threads, timeout=timeout,
+                         access_log=access_log)
+    else:
+        run_gunicorn(factory, host=host, port=port, workers=workers, threads=threads, timeout=timeout,
+                     access_log=access_log)
+
+
+# --------------------------------------------------------------------------------- suggest
+@click.command()
+@click.option("--project", type=int, required=True, help="Label Studio project id.")
+@click.option("--url", default=None, help="Label Studio URL (default: LABEL_STUDIO_URL).")
+@click.option("--token", default=None,
+              help="Legacy API token or personal access token (default: LABEL_STUDIO_API_KEY).")
+@click.option("--limit", type=int, default=None, help="At most this many annotated tasks.")
+@click.option("--dry-run", is_flag=True, help="Compute, print a summary, store nothing.")
+def suggest(project, url, token, limit, dry_run) -> None:
+    """Store missed-label review predictions for every annotated task of a project.
+
+    The same as the backend does after each submit: the annotation's labels plus the likely
+    missing ones (model_version `backend.review.model_version`, score = P(something missing)),
+    replacing earlier review predictions of the same annotations."""
+    from tqdm.auto import tqdm
+
+    from backend.errors import SemlabelError
+    from backend.ls.review import store_review_prediction
+    from backend.ls.service import BackendService
+    from backend.settings import get_settings
+
+    settings = get_settings()
+    url = url or settings.label_studio_url
+    token = token or settings.label_studio_api_key
+    if not url or not token:
+        raise click.UsageError("give --url and --token (or set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)")
+    settings = settings.model_copy(update={"label_studio_url": url, "label_studio_api_key": token})
+    service = BackendService(settings, redis=None, background=False, start_threads=False)
+    if not service.ready:
+        raise click.ClickException(f"the model did not load: {service.load_error}")
+    pid = str(project)
+    conn = service.connection(pid)
+    client = conn.client
+    xml = client.projects.get(id=project).label_config
+    service.project_config(xml)  # a config semlabel cannot serve fails here, before any work
+    tasks = []
+    for task in client.tasks.list(project=project, fields="all"):
+        anns = [a for a in (task.annotations or []) if isinstance(a, dict)
+                and not a.get("was_cancelled") and a.get("result")]
+        if anns:
+            tasks.append((task.id, task.data, anns))
+            if limit and len(tasks) >= limit:
+                break
+    summary = {"project": project, "tasks": len(tasks), "annotations": 0, "stored": 0, "nothing_chosen": 0,
+               "errors": [], "model_version": None, "mean_p_missing": None}
+    scores = []
+    for task_id, data, anns in tqdm(tasks, desc=f"project {project}", unit="task"):
+        for ann in anns:
+            summary["annotations"] += 1
+            try:
+                entry = service.review_prediction(pid, xml, {"id": task_id, "data": data}, ann)
+            except SemlabelError as exc:
+                summary["errors"].append(f"task {task_id}: {exc}")
+                continue
+            if entry is None:
+                summary["nothing_chosen"] += 1
+                continue
+            summary["model_version"] = entry["model_version"]
+            scores.append(entry["score"])
+            if not dry_run:
+                store_review_prediction(client, int(task_id), int(ann["id"]), entry, project=project)
+                summary["stored"] += 1
+    if scores:
+        summary["mean_p_missing"] = round(sum(scores) / len(scores), 4)
+    summary["served_version"] = service.predictor(pid).version
+    click.echo(json.dumps(summary, indent=2))
+    if summary["errors"]:
+        raise SystemExit(1)
+
+
+# ------------------------------------------------------------------------------- bench-api
+BENCH_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <Choices name="labels" toName="image" choice="multiple">
+    {choices}
+  </Choices>
+</View>"""
+BENCH_LABELS = ["dog", "horse", "person", "giraffe", "bird", "kite", "car", "cat", "coffee cup", "rocket"]
+
+
+def _base_photos() -> list:
+    """Real photos: the darknet sample images when installed, plus scikit-image's."""
+    from PIL import Image
+
+    photos = []
+    darknet = Path("/usr/share/darknet/data")
+    for path in sorted(darknet.glob("*.jpg")) if darknet.is_dir() else []:
+        photos.append(Image.open(path).convert("RGB"))
+    try:
+        from skimage import data
+
+        for name in ("chelsea", "coffee", "rocket", "astronaut", "camera"):
+            photos.append(Image.fromarray(getattr(data, name)()).convert("RGB"))
+    except Exception:  # noqa: BLE001 - scikit-image is optional
+        pass
+    if not photos:
+        raise click.ClickException("no photos found (install the darknet package or scikit-image)")
+    return photos
+
+
+def _variants(photos, n: int, out: Path, salt: str) -> list[str]:
+    """``n`` distinct image files (a photo with one salted pixel changed): never cached."""
+    import hashlib
+
+    paths = []
+    for i in range(n):
+        img = photos[i % len(photos)].copy()
+        digest = hashlib.sha256(f"{salt}:{i}".encode()).digest()
+        img.putpixel((digest[0] % img.width, digest[1] % img.height), tuple(digest[2:5]))
+        path = out / f"img-{salt}-{i:04d}.png"
+        img.save(path)
+        paths.append(str(path))
+    return paths
+
+
+def _median(values) -> float:
+    return round(statistics.median(values), 4)
+
+
+@click.command("bench-api")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-out"), show_default=True)
+@click.option("--runs", type=int, default=5, show_default=True, help="Repetitions of each measurement.")
+@click.option("--batch", type=int, default=16, show_default=True, help="Tasks in the large request.")
+@click.option("--server-args", default="", help="Extra arguments for `semlabel serve`, e.g. '--threads 8'.")
+@click.option("--project", type=int, default=None,
+              help="Project id to send (its trained model is served); default: none, the zero-shot model.")
+def bench_api(out_dir: Path, runs: int, batch: int, server_args: str, project: int | None) -> None:
+    """Median /predict latency of a running server: 1 and BATCH tasks, cold and warm features.
+
+    Starts `semlabel serve` on a free port, sends real photos as tasks (cold: bytes the feature
+    cache has never seen; warm: the same tasks again), and writes api-bench.json and
+    api-bench.md to --out."""
+    import platform
+
+    import requests
+    import torch
+
+    from backend.ls.server import ServerProcess
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = (out_dir / "images").resolve()
+    images.mkdir(exist_ok=True)
+    salt = uuid.uuid4().hex[:8]
+    photos = _base_photos()
+    warmup = _variants(photos, 1, images, salt + "w")
+    singles = _variants(photos, runs, images, salt + "s")
+    batches = [_variants(photos[r % len(photos):] + photos, batch, images, f"{salt}b{r}") for r in range(runs)]
+    config = BENCH_CONFIG.format(choices="\n    ".join(f'<Choice value="{n}"/>' for n in BENCH_LABELS))
+
+    # No review jobs; without --project nothing is written to Redis either.
+    env = {"SEMLABEL_IMAGES__LOCAL_ROOTS": json.dumps([str(images)]), "SEMLABEL_BACKEND__REVIEW__ENABLED": "false",
+           "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    server = ServerProcess(env=env, args=tuple(server_args.split()), log_path=out_dir / "server.log")
+    click.echo(f"starting semlabel serve on {server.url} ...", err=True)
+    server.start()
+    session = requests.Session()
+
+    def predict(paths: list[str]) -> float:
+        tasks = [{"id": i + 1, "data": {"image": p}} for i, p in enumerate(paths)]
+        body = {"tasks": tasks, "label_config": config,
+                "params": {"login": None, "password": None, "context": None}}
+        if project is not None:
+            body["project"] = f"{project}.0"
+        t0 = time.perf_counter()
+        resp = session.post(server.url + "/predict", json=body, timeout=300)
+        elapsed = time.perf_counter() - t0
+        resp.raise_for_status()
+        results = resp.json()["results"]
+        bad = [r for r in results if "result" not in r]
+        if len(results) != len(paths) or bad:
+            raise click.ClickException(f"/predict answered {len(results)} results, errors: {bad[:2]}")
+        return elapsed
+
+    try:
+        health = session.get(server.url + "/health", timeout=5).json()
+        predict(warmup)  # label-space text embeddings and first-call costs, not measured
+        timings = {"cold_1": [], "warm_1": [], f"cold_{batch}": [], f"warm_{batch}": []}
+        for r in range(runs):
+            timings["cold_1"].append(predict([singles[r]]))
+            timings["warm_1"].append(predict([singles[r]]))
+            timings[f"cold_{batch}"].append(predict(batches[r]))
+            timings[f"warm_{batch}"].append(predict(batches[r]))
+            click.echo(f"run {r + 1}/{runs}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in timings.items()),
+                       err=True)
+        health_times = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            session.get(server.url + "/health", timeout=5).raise_for_status()
+            health_times.append(time.perf_counter() - t0)
+    finally:
+        server.stop()
+    med = {k: _median(v) for k, v in timings.items()}
+    report = {
+        "server": server.url,
+        "server_ready_s": server.ready_in_s,
+        "backbone": health.get("backbone"),
+        "model_version": health.get("model_version"),
+        "project": project,
+        "labels": len(BENCH_LABELS),
+        "runs": runs,
+        "batch": batch,
+        "median_s": med,
+        "per_task_ms": {k: round(1000 * v / (1 if k.endswith("_1") else batch), 1) for k, v in med.items()},
+        "ratios": {
+            "cold_over_warm_1": round(med["cold_1"] / med["warm_1"], 2),
+            f"cold_over_warm_{batch}": round(med[f"cold_{batch}"] / med[f"warm_{batch}"], 2),
+            f"warm_{batch}_over_warm_1": round(med[f"warm_{batch}"] / med["warm_1"], 2),
+            f"cold_{batch}_over_cold_1": round(med[f"cold_{batch}"] / med["cold_1"], 2),
+        },
+        "health_median_ms": round(1000 * statistics.median(health_times), 2),
+        "all_s": {k: [round(x, 4) for x in v] for k, v in timings.items()},
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                    "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+                    "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},
+    }
+    (out_dir / "api-bench.json").write_text(json.dumps(report, indent=2))
+    lines = [
+        "# /predict latency (semlabel serve, measured over HTTP)",
+        "",
+        f"Backbone `{report['backbone']}`, {len(BENCH_LABELS)} labels, median of {runs} runs; "
+        f"cold = image bytes the feature cache has never seen, warm = the same tasks again.",
+        "",
+        "| request | cold (s) | warm (s) | cold / warm | per task warm (ms) |",
+        "|---|---|---|---|---|",
+    ]
+    for n in (1, batch):
+        c, w = med[f"cold_{n}"], med[f"warm_{n}"]
+        lines.append(f"| {n} task{'s' if n > 1 else ''} | {c:.3f} | {w:.3f} | {c / w:.1f}× | {1000 * w / n:.1f} |")
+    lines += ["", f"`GET /health`: median {report['health_median_ms']} ms. Server ready in "
+              f"{report['server_ready_s']} s. Machine: {os.cpu_count()} CPU(s), CUDA "
+              f"{'yes' if report['machine']['cuda'] else 'no'}, load average "
+              f"{report['machine']['load_average_1m_at_end']} at the end."]
+    (out_dir / "api-bench.md").write_text("\n".join(lines) + "\n")
+    click.echo((out_dir / "api-bench.md").read_text())
+    click.echo(f"report: {out_dir / 'api-bench.json'}", err=True)
