@@ -739,6 +739,12 @@ class ServedModels:
             thread.join(timeout=5)
         self._threads = []
 
+    def served_versions(self) -> dict[str, str | None]:
+        """Project → version string of the predictor served now (None: the fallback), for
+        the projects this process has been asked about. Loads nothing."""
+        with self._lock:
+            return {key: getattr(self._served.get(key), "version", None) for key in self._seen}
+
     # -- internals ---------------------------------------------------------------------
     def _known(self) -> list[str]:
         with self._lock:

@@ -230,14 +230,10 @@ class BackendService:
 
     def served_versions(self) -> dict[str, str]:
         """Version each project is served with in this process (without loading anything)."""
-        out = {}
-        served = self.served
-        if served is None:
-            return out
-        for project in list(getattr(served, "_seen", {})):
-            predictor = getattr(served, "_served", {}).get(project)
-            out[project] = predictor.version if predictor is not None else self.zero_shot_version
-        return out
+        if self.served is None:
+            return {}
+        return {project: version or self.zero_shot_version
+                for project, version in self.served.served_versions().items()}
 
     def versions(self, project: str | None = None) -> list[str]:
         """Model versions for ``GET /versions``: the current one(s) first, then the others."""
