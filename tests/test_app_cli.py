@@ -47,3 +47,30 @@ def test_bench_api_measures_a_real_server(tmp_path, session_data_dir):
     md = (out / "api-bench.md").read_text()
     assert "| 1 task |" in md and "| 3 tasks |" in md
     assert len(list((out / "images").glob("*.png"))) == 1 + 2 + 2 * 3
+
+
+def test_the_web_worker_quits_once_when_quit_signals_pile_up():
+    """Ctrl-C sends SIGINT to the worker and the arbiter sends SIGQUIT: a second signal can
+    arrive while the first is shutting the thread pool down. gunicorn's own gthread worker
+    re-enters the shutdown then (a deadlock on the pool's lock in real life, until the
+    arbiter's SIGKILL); ours ignores it and exits once."""
+    import signal
+    from types import SimpleNamespace
+
+    import pytest
+
+    from backend.ls.server import QuitOnceThreadWorker
+
+    worker = QuitOnceThreadWorker.__new__(QuitOnceThreadWorker)
+    shutdowns = []
+
+    class Pool:  # gunicorn's pool, with the second signal arriving inside its shutdown
+        def shutdown(self, wait):
+            shutdowns.append(wait)
+            worker.handle_quit(signal.SIGQUIT, None)
+
+    worker.tpool, worker.alive = Pool(), True
+    worker.cfg = SimpleNamespace(worker_int=lambda w: None)
+    with pytest.raises(SystemExit):
+        worker.handle_quit(signal.SIGINT, None)
+    assert shutdowns == [False] and worker.alive is False

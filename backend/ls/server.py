@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from gunicorn.workers.gthread import ThreadWorker
+
 DEFAULT_PORT = 9090
 
 
@@ -27,6 +29,24 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+class QuitOnceThreadWorker(ThreadWorker):
+    """gunicorn's threaded worker, quitting once however many quit signals arrive
+    (``gunicorn -k backend.ls.server.QuitOnceThreadWorker``; ``semlabel serve`` uses it).
+
+    Ctrl-C reaches the whole process group: the worker gets SIGINT itself and a SIGQUIT from
+    the arbiter. gthread's quit handler shuts its thread pool down; a second signal arriving
+    inside that shutdown re-enters it, blocks on the pool's own lock, and the worker hangs
+    until the arbiter kills it after ``graceful_timeout``."""
+
+    _quitting = False
+
+    def handle_quit(self, sig, frame):
+        if self._quitting:
+            return
+        self._quitting = True
+        super().handle_quit(sig, frame)
 
 
 def run_gunicorn(factory: Callable, *, host: str, port: int, workers: int = 1, threads: int = 4,
@@ -49,7 +69,7 @@ def run_gunicorn(factory: Callable, *, host: str, port: int, workers: int = 1, t
         "bind": f"{host}:{port}",
         "workers": workers,
         "threads": threads,
-        "worker_class": "gthread",
+        "worker_class": QuitOnceThreadWorker,
         # /predict may take Label Studio's whole 100 s on a large batch of new images.
         "timeout": timeout,
         "graceful_timeout": 30,
