@@ -551,7 +551,9 @@ def test_predict_before_setup_in_a_fresh_process_waits_for_the_model(settings, p
 def test_a_trained_model_suggests_with_co_occurrence_and_scores_labels_it_never_saw(
         settings, runtime, photos, redis_url, tmp_path):
     """The real conditional model of the model issue, trained here on a few annotated photos."""
-    from worker.train import train_and_save
+    from backend.model import save_model
+    from worker.data import attach_features, examples_from_tasks
+    from worker.train import train_model
 
     trained = {"dog": ["dog"], "eagle": ["bird"], "giraffe": ["giraffe"], "horses": ["horse", "person", "dog"],
                "person": ["person", "dog", "horse"], "kite": ["kite", "person"], "scream": ["person"]}
@@ -562,7 +564,11 @@ def test_a_trained_model_suggests_with_co_occurrence_and_scores_labels_it_never_
              for i, (n, labels) in enumerate(trained.items())]
     s = app_settings(settings, photos)
     s = s.model_copy(update={"train": s.train.model_copy(update={"epochs": 3})})
-    train_and_save(tasks[:6], tasks[6:], config(seen, reasons=False), runtime, tmp_path / "staged", settings=s)
+    examples, _ = examples_from_tasks(tasks[:6], seen)
+    examples, G, L, errors = attach_features(examples, runtime)
+    assert len(examples) == 6 and not errors
+    result = train_model(examples, runtime.label_space(seen), (G, L), s, backbone=runtime.backbone)
+    save_model(result.model, tmp_path / "staged", metrics=result.metrics)
     r = redis_lib.Redis.from_url(redis_url)
     app = make_app(s, runtime, r, tmp_path)  # the store's default loader: backend.model.load_predictor
     service = app.extensions["semlabel"]

@@ -8,7 +8,7 @@ import pytest
 
 from backend.settings import Settings
 from worker.bench import insert_readme_table, run_bench
-from worker.data import examples_from_tasks, parse_label_config, read_export
+from worker.data import examples_from_tasks, label_config_binding, read_export
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +27,13 @@ def test_small_bench_writes_label_studio_exports_reports_and_reuses_features(sma
     first = run_bench(out, train_images=60, test_images=40, settings=small_settings, methods=methods,
                       update_readme=False, timing=False, show_progress=False)
     # Label Studio exports: partial / single-positive train labels, complete test labels.
-    cfg = parse_label_config((out / "label_config.xml").read_text())
-    assert len(cfg.labels) == 10 and cfg.from_name == "label" and cfg.image_field == "image"
+    cfg = label_config_binding((out / "label_config.xml").read_text())
+    assert len(cfg.labels) == 10 and cfg.control == "label" and cfg.data_key == "image"
     test_tasks = read_export(out / "test.json")
     assert len(test_tasks) == 40 and test_tasks[0]["data"]["image"].startswith("/data/local-files/?d=images/")
-    test_examples, _ = examples_from_tasks(test_tasks, cfg.labels, images_root=out)
-    single, _ = examples_from_tasks(read_export(out / "train_single.json"), cfg.labels, images_root=out)
-    partial, _ = examples_from_tasks(read_export(out / "train_partial.json"), cfg.labels, images_root=out)
+    test_examples, _ = examples_from_tasks(test_tasks, cfg.names, images_root=out)
+    single, _ = examples_from_tasks(read_export(out / "train_single.json"), cfg.names, images_root=out)
+    partial, _ = examples_from_tasks(read_export(out / "train_partial.json"), cfg.names, images_root=out)
     assert all(len(e.positives) == 1 for e in single)
     assert all(2 <= len(e.positives) <= 4 for e in test_examples)
     assert any(len(e.positives) > 1 for e in partial)

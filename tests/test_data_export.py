@@ -7,7 +7,7 @@ import json
 import pytest
 
 from backend.errors import ConfigError
-from worker.data import examples_from_tasks, parse_label_config, read_export, resolve_image
+from worker.data import examples_from_tasks, label_config_binding, read_export, resolve_image
 
 LABELS = ["Coat", "Bag", "Sandal"]
 
@@ -59,16 +59,19 @@ def test_label_config_parsing():
         <Choice value="Coat"/><Choice value="Bag" hint="a handbag"/><Choice alias="sandal" value="Sandal"/>
       </Choices>
     </View>"""
-    cfg = parse_label_config(xml)
-    assert (cfg.labels, cfg.from_name, cfg.to_name, cfg.image_field) == (LABELS, "tags", "img", "photo")
+    cfg = label_config_binding(xml)
+    # Label Studio stores a choice's alias when it has one: that is the label's name.
+    assert (cfg.names, cfg.control, cfg.object, cfg.data_key) == (["Coat", "Bag", "sandal"], "tags", "img", "photo")
+    assert [label.texts for label in cfg.labels] == [(), ("a handbag",), ("Sandal",)]
     tasks = [{"id": 1, "data": {"photo": "p.png", "other": "x"},
-              "annotations": [_choices(["Bag"], from_name="tags")]}]
-    examples, _ = examples_from_tasks(tasks, cfg.labels, from_name=cfg.from_name, image_field=cfg.image_field)
-    assert examples[0].image == "p.png"
-    with pytest.raises(ConfigError, match="no <Choices>"):
-        parse_label_config("<View><Image name='i' value='$image'/></View>")
-    with pytest.raises(ConfigError, match="not valid XML"):
-        parse_label_config("<View><Choices>")
+              "annotations": [_choices(["Bag", "sandal"], from_name="tags")]}]
+    examples, report = examples_from_tasks(tasks, cfg.names, from_name=cfg.control, image_field=cfg.data_key)
+    assert examples[0].image == "p.png" and examples[0].positives == ["Bag", "sandal"]
+    assert not report.unknown_labels
+    with pytest.raises(ConfigError, match="no <Choices> bound to an <Image>"):
+        label_config_binding("<View><Image name='i' value='$image'/></View>")
+    with pytest.raises(ConfigError):
+        label_config_binding("<View><Choices>")
 
 
 def test_read_export_and_image_resolution(tmp_path):

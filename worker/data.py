@@ -58,42 +58,17 @@ class ExportReport:
         return dict(self.__dict__)
 
 
-@dataclass
-class LabelConfig:
-    """What a label config says about a multi-label image project."""
+def label_config_binding(xml: str):
+    """The ``<Choices>`` → ``<Image>`` binding semlabel trains on in a Label Studio label
+    config (the first multiple-choice one), parsed by :mod:`backend.ls.config` exactly as the
+    backend serves it: labels named by what Label Studio stores (the alias when there is one),
+    with their values and hints as prompt texts. ``ConfigError`` when there is none."""
+    from backend.ls.config import parse_label_config
 
-    labels: list[str]
-    from_name: str | None = None
-    to_name: str | None = None
-    image_field: str | None = None
-
-
-def parse_label_config(xml: str) -> LabelConfig:
-    """The first ``<Choices>`` of a Label Studio label config, and the image it labels."""
-    try:
-        from defusedxml.ElementTree import fromstring
-    except ImportError:  # pragma: no cover - defusedxml ships with label-studio-sdk
-        from xml.etree.ElementTree import fromstring
-    try:
-        root = fromstring(xml)
-    except Exception as exc:  # ParseError and defusedxml's refusals
-        raise ConfigError(f"label config is not valid XML: {exc}") from exc
-    choices = next(iter(root.iter("Choices")), None)
-    if choices is None:
-        raise ConfigError("label config has no <Choices> tag")
-    labels = [c.get("value") or c.get("alias") for c in choices.iter("Choice")]
-    labels = [l for l in labels if l]
-    if not labels:
-        raise ConfigError("label config <Choices> has no <Choice value=...>")
-    to_name = choices.get("toName")
-    image_field = None
-    for image in root.iter("Image"):
-        if to_name is None or image.get("name") == to_name:
-            value = image.get("value", "")
-            image_field = value[1:] if value.startswith("$") else value or None
-            to_name = to_name or image.get("name")
-            break
-    return LabelConfig(list(dict.fromkeys(labels)), choices.get("name"), to_name, image_field)
+    config = parse_label_config(xml)
+    if not config.bindings:
+        raise ConfigError("label config has no <Choices> bound to an <Image>")
+    return next((b for b in config.bindings if b.multiple), config.bindings[0])
 
 
 def read_export(path: str | os.PathLike) -> list[dict]:

@@ -16,7 +16,6 @@ import torch
 from backend.errors import ConfigError
 from backend.labels import LabelSpace
 
-from .data import Example, attach_features, examples_from_tasks
 from .metrics import evaluate_scores, hide_positives
 from .train import targets
 
@@ -71,32 +70,3 @@ def evaluate_features(
             zs, y, names=space.names, known=known, hidden=hidden, recall_ks=recall_ks, taxonomy=taxonomy
         )
     return out
-
-
-def evaluate_examples(predictor, examples: Sequence[Example], space, runtime, **kwargs) -> dict:
-    kept, G, L, errors = attach_features(list(examples), runtime)
-    from backend.features import Features
-
-    features = [Features(e.key or "", g, l) for e, g, l in zip(kept, G, L)]
-    out = evaluate_features(predictor, features, [e.positives for e in kept], space, **kwargs)
-    out["images_skipped"] = len(errors)
-    return out
-
-
-def evaluate_tasks(predictor, tasks: Sequence[dict], labels: Sequence[str], runtime, taxonomy=None,
-                   hidden_seed: int = 1) -> dict:
-    """Held-out metrics of ``predictor`` on Label Studio tasks (their annotations as truth):
-    the ``model`` figures flattened, ``zero_shot_mAP`` beside them."""
-    examples, report = examples_from_tasks(tasks, labels)
-    if not examples:
-        raise ConfigError("no annotated held-out task")
-    space = runtime.label_space(labels, taxonomy)
-    out = evaluate_examples(
-        predictor, examples, space, runtime, zero_shot=runtime.zero_shot_predictor(), taxonomy=taxonomy,
-        hidden_seed=hidden_seed,
-    )
-    flat = dict(out["model"])
-    flat.pop("AP_per_label", None)
-    flat["zero_shot_mAP"] = out["zero_shot"]["mAP"]
-    flat["split"] = "held-out tasks"
-    return flat

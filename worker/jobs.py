@@ -342,15 +342,12 @@ def _taxonomy(settings: Settings):
 def _binding(label_config: str):
     """The ``<Choices>``→``<Image>`` binding semlabel serves (the first multiple-choice one)."""
     from backend.errors import ConfigError
-    from backend.ls.config import parse_label_config
+    from worker.data import label_config_binding
 
     try:
-        config = parse_label_config(label_config)
+        return label_config_binding(label_config)
     except ConfigError as exc:
         raise PermanentJobError(f"label config: {exc}") from None
-    if not config.bindings:
-        raise PermanentJobError("label config has no <Choices> bound to an <Image>")
-    return next((b for b in config.bindings if b.multiple), config.bindings[0])
 
 
 def _evaluate(predictor, feats, examples, space) -> dict:

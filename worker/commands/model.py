@@ -15,22 +15,24 @@ from backend.errors import ConfigError
 
 
 def _labels(labels: str | None, label_config: Path | None):
-    """(label names, from_name, image field) from --labels or --label-config."""
-    from worker.data import parse_label_config
+    """(labels, from_name, image field) from --labels or --label-config; the labels are
+    :class:`backend.labels.Label` (a config's values and hints become prompt texts)."""
+    from backend.labels import Label
+    from worker.data import label_config_binding
 
     if labels and label_config:
         raise click.UsageError("give --labels or --label-config, not both")
     if label_config:
         try:
-            cfg = parse_label_config(Path(label_config).read_text(encoding="utf-8"))
+            binding = label_config_binding(Path(label_config).read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError(f"{label_config}: {exc.strerror or exc}") from exc
-        return cfg.labels, cfg.from_name, cfg.image_field
+        return list(binding.labels), binding.control, binding.data_key
     if labels:
         names = [n.strip() for n in labels.split(",") if n.strip()]
         if not names:
             raise click.BadParameter("no label names given", param_hint="--labels")
-        return names, None, None
+        return [Label(n) for n in names], None, None
     return None, None, None
 
 
@@ -92,20 +94,20 @@ def train_cmd(export_path, out_dir, labels, label_config, images_root, taxonomy,
     from worker.data import attach_features, examples_from_tasks, read_export
     from worker.train import train_model
 
-    names, from_name, image_field = _labels(labels, label_config)
+    label_list, from_name, image_field = _labels(labels, label_config)
     tasks = read_export(export_path)
-    if names is None:
+    if label_list is None:
         raise click.UsageError("give the label set: --labels or --label-config")
     tax = _taxonomy(taxonomy)
     examples, report = examples_from_tasks(
-        tasks, names, from_name=from_name, image_field=image_field, policy=policy,
+        tasks, [label.name for label in label_list], from_name=from_name, image_field=image_field, policy=policy,
         images_root=images_root or export_path.parent,
     )
     if not examples:
         raise ConfigError(f"{export_path}: no task with a chosen label of the label set ({report.to_dict()})")
     runtime = Runtime.create(backbone_kind=backbone)
     examples, G, L, errors = attach_features(examples, runtime)
-    space = runtime.label_space(names, tax)
+    space = runtime.label_space(label_list, tax)
     result = train_model(examples, space, (G, L), runtime.settings, backbone=runtime.backbone, seed=seed,
                          progress=_echo_progress, taxonomy=tax)
     save_model(result.model, out_dir, metrics=result.metrics)
@@ -138,8 +140,12 @@ def eval_cmd(export_path, model_dir, labels, label_config, images_root, taxonomy
 
     runtime = Runtime.create(backbone_kind=backbone)
     predictor = load_predictor(model_dir, runtime)
-    names, from_name, image_field = _labels(labels, label_config)
-    names = names or predictor.labels_seen
+    label_list, from_name, image_field = _labels(labels, label_config)
+    if label_list is None:
+        from backend.labels import Label
+
+        label_list = [Label(name) for name in predictor.labels_seen]
+    names = [label.name for label in label_list]
     tax = _taxonomy(taxonomy) or (Taxonomy(dict(predictor.model.taxonomy)) if predictor.model.taxonomy else None)
     examples, report = examples_from_tasks(
         read_export(export_path), names, from_name=from_name, image_field=image_field,
@@ -151,7 +157,7 @@ def eval_cmd(export_path, model_dir, labels, label_config, images_root, taxonomy
     from backend.features import Features
 
     features = [Features(e.key, g, l) for e, g, l in zip(examples, G, L)]
-    space = runtime.label_space(names, tax)
+    space = runtime.label_space(label_list, tax)
     seed = runtime.settings.bench.hidden_seed if hidden_seed is None else hidden_seed
     result = evaluate_features(predictor, features, [e.positives for e in examples], space,
                                zero_shot=runtime.zero_shot_predictor(), taxonomy=tax, hidden_seed=seed)
