@@ -206,7 +206,7 @@ def decode(blob: ImageBlob, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError as exc:
         raise NotAnImage(blob.source, "unrecognised image format") from exc
     except Image.DecompressionBombError as exc:  # PIL's own bound (2 × MAX_IMAGE_PIXELS)
-        raise ImageTooLarge(blob.source, f"more than images.max_pixels={max_pixels} pixels") from exc
+        raise ImageTooLarge(blob.source, f"{_short(exc)} (images.max_pixels={max_pixels})") from exc
     except OSError as exc:
         raise NotAnImage(blob.source, _short(exc)) from exc
     width, height = img.size

@@ -571,16 +571,21 @@ class ModelStore:
 
     def rollback(self, project: str | int, reason: str = "rolled back by hand") -> str:
         """Make the version that was current before the current one current again (skipping
-        versions that no longer exist or fail their checks). Returns it."""
+        versions that no longer exist, fail their checks or a backend refused to load).
+        Returns it."""
         project = check_project(project)
         with self._locked(project):
             record = self.pointer(project)
             if not record:
                 raise ModelStoreError(f"project {project} has no current version to roll back from")
             previous = list(record.get("previous") or [])
+            refused = self.refusals(project)
             skipped = []
             while previous:
                 candidate = previous.pop(0)
+                if candidate in refused:
+                    skipped.append(f"{candidate} (refused at load: {refused[candidate].get('reason')})")
+                    continue
                 try:
                     self.verify(project, candidate)
                 except ModelStoreError as exc:

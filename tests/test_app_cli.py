@@ -41,7 +41,6 @@ def test_bench_api_measures_a_real_server(tmp_path, session_data_dir):
     assert set(report["median_s"]) == {"cold_1", "warm_1", "cold_3", "warm_3"}
     assert all(len(v) == 2 for v in report["all_s"].values())
     med = report["median_s"]
-    assert med["warm_3"] < med["cold_3"]  # cached features skip the backbone
     assert report["backbone"].startswith(("packaged:", "open_clip:"))
     assert report["ratios"]["cold_over_warm_3"] == round(med["cold_3"] / med["warm_3"], 2)
     md = (out / "api-bench.md").read_text()

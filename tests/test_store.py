@@ -266,10 +266,11 @@ def test_requests_never_wait_for_a_reload(tmp_path):
     """A slow loader runs in the background while get() keeps answering with the old model."""
     store = ModelStore(tmp_path / "m")
     _publish(store, 15, {"cat": 1.0}, 0.5)
-    gate = threading.Event()
+    gate, entered = threading.Event(), threading.Event()
 
     def slow_loader(path, runtime):
         if served.loads >= 1:
+            entered.set()
             gate.wait(10)
         return load_tiny(path)
 
@@ -279,12 +280,10 @@ def test_requests_never_wait_for_a_reload(tmp_path):
         first = served.get(15)
         assert served.get(16) is zero  # a project without versions
         v2 = _publish(store, 15, {"cat": 2.0}, 0.6)
-        time.sleep(0.3)  # the poller is now blocked inside slow_loader
-        t0 = time.perf_counter()
-        for _ in range(100):
+        assert entered.wait(10)  # the poller is now blocked inside slow_loader
+        for _ in range(100):  # a get() that waited for the load would see v2, not first
             assert served.get(15) is first
             assert served.get(16) is zero
-        assert time.perf_counter() - t0 < 0.5
         gate.set()
         assert _wait(lambda: served.served_version(15) == v2.version, 5)
     finally:

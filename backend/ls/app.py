@@ -195,7 +195,11 @@ def create_app(settings=None, *, runtime=None, redis=_AUTO, served=None, backgro
             except ConfigError as exc:
                 log.warning("/setup for project %s refused: %s", project, exc)
                 return _error(str(exc), 400)
-        service.remember_setup(project, data.get("hostname"), data.get("access_token"))
+        hostname = data.get("hostname")
+        if hostname and not (isinstance(hostname, str) and hostname.strip().startswith(("http://", "https://"))):
+            log.warning("/setup for project %s refused: hostname %r is not an http(s) URL", project, hostname)
+            return _error(f"'hostname' must be Label Studio's http(s) URL, got {hostname!r}", 400)
+        service.remember_setup(project, hostname, data.get("access_token"))
         version = service.predictor(project).version
         if webhook_auth is not None:
             webhook_auth.ensure(project, service.connection(project), request.host)
@@ -255,7 +259,8 @@ def create_app(settings=None, *, runtime=None, redis=_AUTO, served=None, backgro
     @app.route("/versions", methods=["GET", "POST"])
     def versions():
         data = request.get_json(silent=True, force=True) if request.method == "POST" else None
-        project = project_key(request.args.get("project") or (data or {}).get("project"))
+        data = data if isinstance(data, dict) else {}  # Label Studio sends nothing or an object
+        project = project_key(request.args.get("project") or data.get("project"))
         if not service.ready:
             return _error("the model is still loading", 503)
         return jsonify({"versions": service.versions(project),

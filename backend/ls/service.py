@@ -314,7 +314,11 @@ class BackendService:
         with self._conn_lock:
             conn = self._connections.get((url, token))
             if conn is None:
-                conn = LabelStudioConnection(url, token)
+                try:
+                    conn = LabelStudioConnection(url, token)
+                except ValueError as exc:  # e.g. LABEL_STUDIO_URL without a scheme
+                    log.error("project %s: no Label Studio connection: %s", project, exc)
+                    return None
                 self._connections[(url, token)] = conn
             return conn
 
