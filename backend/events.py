@@ -316,7 +316,9 @@ def _schedule(
                     due = now
                 else:
                     due = min(now + deb.quiet_s, first + deb.max_wait_s)
-                if was_urgent and old_due is not None:
+                if old_due is not None and (was_urgent or delay_s is not None):
+                    # Joining a waiting job never postpones it: not past an urgent due time,
+                    # nor (with an explicit delay) past the quiet / max_wait_s bound it has.
                     due = min(due, old_due)
                 urgent_flag = now_urgent or was_urgent
                 pipe.multi()

@@ -24,6 +24,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 from urllib.parse import unquote, urlparse
@@ -54,7 +55,7 @@ class ImageBlob:
     source: str
     data: bytes = field(repr=False)
 
-    @property
+    @cached_property  # hashed once: the feature store asks several times per image
     def key(self) -> str:
         """Content hash: the feature-cache key (independent of the source's name)."""
         return hashlib.sha256(self.data).hexdigest()

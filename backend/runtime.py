@@ -24,10 +24,10 @@ log = logging.getLogger(__name__)
 
 
 class Runtime:
-    def __init__(self, settings: Settings, backbone, label_studio=None, local_roots=None):
+    def __init__(self, settings: Settings, backbone, label_studio=None, local_roots=None, text_cache=None):
         self.settings = settings
         self.backbone = backbone
-        self.text_cache = TextEmbeddingCache(settings.text_cache_path)
+        self.text_cache = text_cache or TextEmbeddingCache(settings.text_cache_path)
         self.features = FeatureStore.from_settings(settings, backbone)
         self.loader = ImageLoader(
             settings.images,
@@ -41,7 +41,7 @@ class Runtime:
         settings = settings or get_settings()
         text_cache = TextEmbeddingCache(settings.text_cache_path)
         backbone = create_backbone(settings, kind=backbone_kind, text_cache=text_cache)
-        return cls(settings, backbone, **kwargs)
+        return cls(settings, backbone, text_cache=text_cache, **kwargs)
 
     # -- labels ------------------------------------------------------------------------
     def label_space(self, labels: Iterable[Label | str], taxonomy: Taxonomy | None = None) -> LabelSpace:
@@ -69,7 +69,7 @@ class Runtime:
     # -- scores ------------------------------------------------------------------------
     def zero_shot_predictor(self) -> ZeroShotPredictor:
         zs = self.settings.zero_shot
-        return ZeroShotPredictor(self.backbone, zs.global_weight, zs.local_top_k)
+        return ZeroShotPredictor(self.backbone, zs.global_weight, zs.local_top_k, self.settings.suggest.neighbours)
 
     def zero_shot(self, features: Sequence[Features], space: LabelSpace) -> torch.Tensor:
         """Zero-shot probabilities ``[B, C]``."""

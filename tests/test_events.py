@@ -176,6 +176,9 @@ def test_request_training_by_a_busy_job_creates_a_successor(redis_conn, settings
     # The job itself being pending does not count (it is running, it cannot take more events).
     third = request_training(redis_conn, 4, settings, reason="busy", delay_s=5, exclude_job=info["job_id"])
     assert third["job_id"] != info["job_id"]
+    # Joining a waiting job with a longer delay never postpones it.
+    later = request_training(redis_conn, 4, settings, reason="by hand", delay_s=3600)
+    assert later["job_id"] == third["job_id"] and later["coalesced"] and later["due_in_s"] <= 5
 
 
 def test_deletions_updates_and_task_data_reconcile(redis_conn, settings):

@@ -19,12 +19,13 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from backend.backbones import resolve_device
 from backend.model.config import LossSettings, TrainSettings
 from backend.model.cooccurrence import CooccurrenceStats, smoothed_conditional
 from backend.model.sigrl import FeatureNorm
 
 from .losses import PartialLabelLoss
-from .train import fit, predict_logits, resolve_device, split_indices, targets
+from .train import fit, predict_logits, split_indices, targets
 
 
 class LinearProbe(nn.Module):

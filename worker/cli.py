@@ -95,7 +95,7 @@ def doctor() -> None:
         "cuda_available": torch.cuda.is_available(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
     }
-    report["redis"] = _redis_status(settings.redis_url)
+    report["redis"] = _redis_status(settings)
     runtime = Runtime.create(settings)
     report["backbone"] = runtime.backbone.describe()
     report["feature_store"] = {
@@ -112,25 +112,17 @@ def doctor() -> None:
         )
 
 
-def _redis_status(url: str | None) -> dict:
-    import redis
+def _redis_status(settings) -> dict:
+    """The Redis semlabel would use (REDIS_URL, a running embedded one, or localhost)."""
+    from backend.errors import RedisUnavailable
+    from backend.redisconn import redact, redis_client, resolve_redis_url
 
-    target = url or "redis://127.0.0.1:6379/0"
+    url = resolve_redis_url(settings)
     try:
-        client = redis.Redis.from_url(target, socket_connect_timeout=1, socket_timeout=1)
-        client.ping()
-        return {"url": _redact(target), "reachable": True}
-    except Exception as exc:  # noqa: BLE001
-        return {"url": _redact(target), "reachable": False, "error": str(exc)[:120]}
-
-
-def _redact(url: str) -> str:
-    from urllib.parse import urlparse
-
-    parsed = urlparse(url)
-    if parsed.password:
-        return url.replace(parsed.password, "***")
-    return url
+        redis_client(settings, url).close()
+        return {"url": redact(url), "reachable": True}
+    except RedisUnavailable as exc:
+        return {"url": redact(url), "reachable": False, "error": str(exc)[:200]}
 
 
 # -------------------------------------------------------------------------- predict

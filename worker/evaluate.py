@@ -16,7 +16,7 @@ import torch
 from backend.errors import ConfigError
 from backend.labels import LabelSpace
 
-from .metrics import evaluate_scores, hide_positives
+from .metrics import evaluate_scores, hidden_recall_at_k, hide_positives
 from .train import targets
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,7 @@ def evaluate_features(
     if y.sum() == 0:
         raise ConfigError("the test export has no labels of the model's label set")
     known, hidden = hide_positives(y, hidden_seed)
-    visual, _ = model_scores(predictor, features, space)
-    _, conditional = model_scores(predictor, features, space, known)
+    visual, conditional = model_scores(predictor, features, space, known)
     out = {
         "model": evaluate_scores(
             visual, y, names=space.names, conditional_scores=conditional, known=known, hidden=hidden,
@@ -59,10 +58,7 @@ def evaluate_features(
         )
     }
     out["model"]["unconditioned_hidden_recall"] = {
-        f"@{k}": evaluate_scores(visual, y, names=space.names, known=known, hidden=hidden, recall_ks=(k,))[
-            f"hidden_recall@{k}"
-        ]
-        for k in recall_ks
+        f"@{k}": round(hidden_recall_at_k(visual, known, hidden, k), 4) for k in recall_ks
     }
     if zero_shot is not None:
         zs = zero_shot.probabilities(features, space)

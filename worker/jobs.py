@@ -133,6 +133,20 @@ end
 return 0
 """
 
+# Take the lock when it is free or held by an earlier attempt of the same job, in one step.
+_ACQUIRE = """
+local held = redis.call('GET', KEYS[1])
+if held then
+    local ok, record = pcall(cjson.decode, held)
+    if not ok or type(record) ~= 'table' or record['job'] ~= ARGV[2] then
+        return 0
+    end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+if held then return 2 end
+return 1
+"""
+
 
 class ProjectLock:
     """One training per project at a time across all workers: a Redis key holding the job id,
@@ -158,13 +172,11 @@ class ProjectLock:
             return {"job": raw.decode(errors="replace")}
 
     def acquire(self) -> bool:
-        if not self.redis.set(self.key, self.value, nx=True, px=self.ttl_ms):
-            held = self.holder()
-            if not held or held.get("job") != self.job_id:
-                return False
-            # Our own earlier attempt died holding it: this retry takes over.
-            self.redis.set(self.key, self.value, xx=True, px=self.ttl_ms)
-            log.warning("job %s: took over the training lock of its earlier attempt (%s)", self.job_id, held)
+        taken = int(self.redis.eval(_ACQUIRE, 1, self.key, self.value, self.job_id, self.ttl_ms))
+        if taken == 0:
+            return False
+        if taken == 2:  # our own earlier attempt died holding it: this retry took over
+            log.warning("job %s: took over the training lock of its earlier attempt", self.job_id)
         self._thread = threading.Thread(target=self._renew, name="semlabel-train-lock", daemon=True)
         self._thread.start()
         return True

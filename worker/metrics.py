@@ -39,7 +39,11 @@ def average_precisions(scores, y) -> dict[int, float]:
 
 
 def mean_average_precision(scores, y) -> float:
-    aps = average_precisions(scores, y)
+    return _mean(average_precisions(scores, y))
+
+
+def _mean(aps: dict[int, float]) -> float:
+    """mAP over the labels that have a positive (NaN when none has)."""
     return float(np.mean(list(aps.values()))) if aps else float("nan")
 
 
@@ -135,7 +139,9 @@ def evaluate_scores(
 
     ``conditional_scores`` are the scores given the ``known`` labels (defaults to
     ``scores``: a model that ignores known labels)."""
-    out: dict = {"images": int(_np(y).shape[0]), "labels": len(names), "mAP": mean_average_precision(scores, y)}
+    aps = average_precisions(scores, y)
+    out: dict = {"images": int(_np(y).shape[0]), "labels": len(names),
+                 "mAP": _mean(aps)}
     for k in ks:
         p, r, f1 = precision_recall_at_k(scores, y, k)
         out[f"P@{k}"], out[f"R@{k}"], out[f"F1@{k}"] = p, r, f1
@@ -148,7 +154,6 @@ def evaluate_scores(
         out["mistake_severity"] = mistake_severity(scores, y, taxonomy, names)
         for k in ks:
             out[f"hier_dist@{k}"] = hierarchical_distance_at_k(scores, y, taxonomy, names, k)
-    aps = average_precisions(scores, y)
     out["AP_per_label"] = {names[c]: v for c, v in aps.items()}
     return _round(out)
 

@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from backend.backbones import resolve_device
 from backend.errors import ConfigError
 from backend.features import FeatureStore
 from backend.labels import LabelSpace
@@ -63,12 +64,6 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------- helpers
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def targets(label_sets: Sequence[Sequence[str]], names: Sequence[str]) -> torch.Tensor:
     index = {n: i for i, n in enumerate(names)}
     y = torch.zeros(len(label_sets), len(names))

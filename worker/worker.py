@@ -138,6 +138,10 @@ def run_worker(
         name=name,
         job_monitoring_interval=settings.worker.job_monitoring_interval_s,
         maintenance_interval=settings.worker.maintenance_interval_s,
+        # An idle RQ worker blocks on the queues for worker_ttl − 15 s between heartbeats
+        # (and maintenance runs): keep that to the maintenance interval, so health checks
+        # and the retry of dead workers' jobs happen on time.
+        worker_ttl=settings.worker.maintenance_interval_s + 15,
     )
     return worker.work(burst=burst, with_scheduler=with_scheduler, max_jobs=max_jobs, logging_level=logging_level)
 
@@ -153,7 +157,9 @@ def healthy_workers(settings: Settings | None = None, hostname: str | None = Non
     connection = redis_client(settings)
     hostname = hostname or socket.gethostname()
     queue = Queue(settings.worker.queues.train, connection=connection)
-    limit = settings.worker.job_monitoring_interval_s + 90
+    # A busy worker beats every job_monitoring_interval_s, an idle one every
+    # maintenance_interval_s (its worker_ttl − 15, see run_worker).
+    limit = max(settings.worker.job_monitoring_interval_s, settings.worker.maintenance_interval_s) + 90
     out = []
     for w in Worker.all(queue=queue):
         beat = w.last_heartbeat

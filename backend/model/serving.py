@@ -55,7 +55,8 @@ class SigRLPredictor(Predictor):
 
     @torch.inference_mode()
     def prepare(self, space: LabelSpace):
-        """(graph, Ĥ, known matrix S, conditional P) of a label space (cached)."""
+        """(graph, Ĥ, known matrix S) of a label space (cached); ``graph.cond[j, c]`` is the
+        observed ``P(c | j)``."""
         key = self._space_key(space)
         with self._lock:
             hit = self._cache.get(key)
@@ -99,7 +100,7 @@ class SigRLPredictor(Predictor):
         visual, probs = torch.sigmoid(visual_z), torch.sigmoid(cond_z)
         zero_shot = self.zero_shot.probabilities(features, space) if self.zero_shot is not None else None
         mask = known_mask(space, known, len(features)).bool()
-        cond = self.model.stats.conditional(space.names)  # cond[j, c] = P(c | j), observed
+        cond = self.prepare(space)[0].cond.cpu()  # cond[j, c] = P(c | j), observed
         taxonomy = space.taxonomy or self.taxonomy
         out = []
         for b in range(len(features)):

@@ -35,16 +35,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .zeroshot import topk_mean
+
 
 @dataclass
 class SVFROutput:
     similarity: torch.Tensor  # [B, C]
     reconstruction_loss: torch.Tensor  # scalar
-
-
-def topk_mean(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
-    k = max(1, min(k, scores.shape[dim]))
-    return scores.topk(k, dim=dim).values.mean(dim)
 
 
 class SVFR(nn.Module):
