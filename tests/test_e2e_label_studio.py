@@ -324,3 +324,32 @@ def test_task_images_download_with_a_personal_access_token_and_a_legacy_token(st
     # a PAT is a refresh token: what goes out is a short-lived access token
     assert LabelStudioConnection(ls.url, pat).auth_headers()["Authorization"].startswith("Bearer ")
     assert LabelStudioConnection(ls.url, ls.token).auth_headers()["Authorization"] == f"Token {ls.token}"
+
+
+def test_an_uploaded_image_is_downloaded_once_then_served_from_the_feature_cache(stack):
+    """Files uploaded to Label Studio never change: a warm /predict reads the task's cached
+    features without downloading the image again (proved by deleting the upload after the
+    first request: the second still predicts)."""
+    import requests
+
+    ls, server = stack.ls, stack.server
+    p = ls.api("POST", "/api/projects", expect=201, json={"title": "semlabel-uploads", "label_config": CONFIG})
+    with open(stack.photos / "dog.jpg", "rb") as fh:
+        ls.api("POST", f"/api/projects/{p['id']}/import", expect=201, files={"dog.jpg": fh})
+    task = ls.api("GET", f"/api/tasks?project={p['id']}&fields=all", expect=200)["tasks"][0]
+    assert task["data"]["image"].startswith("/data/upload/")
+    http = requests.Session()
+    http.headers["Authorization"] = AUTH
+    setup = {"project": f"{p['id']}.1", "schema": CONFIG, "hostname": ls.url, "access_token": ls.token}
+    assert http.post(server.url + "/setup", json=setup, timeout=30).status_code == 200
+    body = {"tasks": [{"id": task["id"], "data": task["data"], "project": p["id"]}],
+            "project": f"{p['id']}.1", "label_config": CONFIG}
+    first = http.post(server.url + "/predict", json=body, timeout=120).json()["results"][0]
+    uploaded = list((ls.data_dir / "media" / "upload" / str(p["id"])).iterdir())
+    assert len(uploaded) == 1
+    uploaded[0].unlink()  # Label Studio can no longer serve it
+    assert http.get(ls.url + task["data"]["image"], headers=ls.headers, timeout=30).status_code != 200
+    second = http.post(server.url + "/predict", json=body, timeout=120).json()["results"][0]
+    assert "error" not in second, second
+    assert region(second)["meta"]["scores"] == region(first)["meta"]["scores"]
+    assert list(region(first)["meta"]["scores"])[0] == "dog"

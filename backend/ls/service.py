@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping, Sequence
 
 from ..errors import ConfigError, ImageError, RedisUnavailable
+from ..features import Features
 from ..images import ImageLoader
 from ..settings import Settings, get_settings
 from . import metrics, results
@@ -83,6 +84,11 @@ class BackendService:
         self._bg = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semlabel-bg")
         self._bg_lock = threading.Lock()
         self._bg_pending = 0
+        # (Label Studio URL, upload source) → content key of the image's features. Upload
+        # files never change (Label Studio names each with a random prefix), so a warm
+        # request for one reads its cached features without downloading the image again.
+        self._upload_keys: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._upload_lock = threading.Lock()
         self._taxonomy = None
         if self.cfg.taxonomy:
             from ..labels import Taxonomy
@@ -324,11 +330,42 @@ class BackendService:
 
     # -- images and features -----------------------------------------------------------
     def features(self, sources: Sequence[str], conn: LabelStudioConnection | None, task_ids=None) -> list:
-        """Features (or the ImageError) of each source, in order. Downloads run in parallel
-        outside the compute lock; each request downloads into its own temporary directory,
+        """Features (or the ImageError) of each source, in order. Label Studio uploads seen
+        before come straight from the feature cache; the other images are downloaded in
+        parallel outside the compute lock, each request into its own temporary directory,
         removed afterwards (features are cached by content hash, not the files)."""
         if not sources:
             return []
+        store = self.runtime.features
+        remembered = [self._upload_key(conn, source) for source in sources]
+        known = {i: store.get(key) for i, key in enumerate(remembered) if key is not None}
+        known = {i: feats for i, feats in known.items() if feats is not None}
+        if known:
+            metrics.FEATURES.labels("cache").inc(len(known))
+        todo = [i for i in range(len(sources)) if i not in known]
+        fetched = self._fetch_features([sources[i] for i in todo], conn,
+                                       [task_ids[i] for i in todo] if task_ids else None) if todo else []
+        out = [known.get(i) for i in range(len(sources))]
+        for i, feats in zip(todo, fetched):
+            out[i] = feats
+            if isinstance(feats, Features) and _is_upload(sources[i]) and conn is not None:
+                self._remember_upload(conn, sources[i], feats.key)
+        return out
+
+    def _upload_key(self, conn, source: str) -> str | None:
+        if conn is None or not _is_upload(source):
+            return None
+        with self._upload_lock:
+            return self._upload_keys.get((conn.url, source))
+
+    def _remember_upload(self, conn, source: str, key: str) -> None:
+        with self._upload_lock:
+            self._upload_keys[(conn.url, source)] = key
+            self._upload_keys.move_to_end((conn.url, source))
+            while len(self._upload_keys) > 100_000:
+                self._upload_keys.popitem(last=False)
+
+    def _fetch_features(self, sources: Sequence[str], conn, task_ids) -> list:
         downloads = self.settings.data_path / "downloads"
         downloads.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=downloads) as tmp:
@@ -504,3 +541,11 @@ def check_config(service: BackendService, xml: str | None) -> ProjectConfig:
     if not isinstance(xml, str) or not xml.strip():
         raise ConfigError("no label config in the request ('label_config' or 'schema')")
     return service.project_config(xml)
+
+
+def _is_upload(source: str) -> bool:
+    """A file uploaded to Label Studio (``/data/upload/…``, relative or absolute URL)."""
+    path = source.split("://", 1)[-1]
+    path = path[path.find("/"):] if "://" in source else path
+    return path.startswith(("/data/upload/", "data/upload/"))
+
