@@ -70,13 +70,11 @@ def redis_conn(redis_url):
     """A client of the session's private database, emptied after the test."""
     import redis
 
-    from tests.redis_helpers import CLAIM_KEY
+    from tests.redis_helpers import reset_db
 
     client = redis.Redis.from_url(redis_url)
     yield client
-    marker = client.get(CLAIM_KEY)
-    client.flushdb()
-    client.set(CLAIM_KEY, marker or b"claimed", ex=3600)
+    reset_db(client)
 
 
 @pytest.fixture(scope="session")

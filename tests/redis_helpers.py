@@ -42,5 +42,12 @@ def _skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
+def reset_db(client) -> None:
+    """Empty a claimed database and keep the claim, in one transaction (another test run
+    must never see it free in between)."""
+    marker = client.get(CLAIM_KEY) or b"claimed"
+    client.pipeline(transaction=True).flushdb().set(CLAIM_KEY, marker, ex=3600).execute()
+
+
 def release_db(client) -> None:
     client.flushdb()

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
+from tests.redis_helpers import reset_db
+
 DARKNET = Path("/usr/share/darknet/data")
 PHOTOS = ("dog", "eagle", "giraffe", "horses", "person", "kite", "scream")
 LABELS = ["dog", "horse", "person", "giraffe", "bird", "kite", "car", "cat", "coffee cup", "rocket"]
@@ -472,7 +474,7 @@ def test_basic_auth_guards_every_route_but_health(settings, runtime, photos, red
         assert c.get("/metrics").status_code == 401 and c.get("/metrics", headers=good).status_code == 200
     finally:
         app.extensions["semlabel"].close()
-        r.flushdb()
+        reset_db(r)
 
 
 def test_a_published_version_is_served_without_restart(settings, runtime, photos, redis_url, tmp_path):
@@ -504,7 +506,7 @@ def test_a_published_version_is_served_without_restart(settings, runtime, photos
         assert predict(c, [task(1, "eagle", photos)], project="10.1")["results"][0]["model_version"] == zs
     finally:
         service.close()
-        r.flushdb()
+        reset_db(r)
 
 
 def test_semlabel_model_follows_the_label_studio_ml_contract(env, photos, redis_conn):
@@ -590,4 +592,4 @@ def test_a_trained_model_suggests_with_co_occurrence_and_scores_labels_it_never_
         assert all(0.0 < scores[n] < 1.0 for n in scores)
     finally:
         service.close()
-        r.flushdb()
+        reset_db(r)

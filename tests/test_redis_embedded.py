@@ -94,7 +94,7 @@ def test_embedded_server_starts_with_append_only_persistence_and_stops(isolated)
         pid = server.pid
     finally:
         server.stop()
-    assert not answers(port) and not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    assert not answers(port) and (not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie")
     assert not (settings.redis_data_path / "url").exists()
     aof = list((settings.redis_data_path / "appendonly").iterdir())
     assert any(p.name.endswith(".aof") for p in aof)

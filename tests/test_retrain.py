@@ -19,6 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 import redis as redis_lib
+
+from tests.redis_helpers import reset_db
 import requests
 
 REPO = Path(__file__).resolve().parent.parent
@@ -234,9 +236,7 @@ def stack(redis_url, session_data_dir, photos, tmp_path_factory):
         yield s
     finally:
         s.stop()
-        marker = r.get("__semlabel_test_claim__")
-        r.flushdb()
-        r.set("__semlabel_test_claim__", marker or b"claimed", ex=3600)
+        reset_db(r)
 
 
 def test_annotation_webhooks_retrain_and_the_backend_serves_the_new_version(stack, photos):
