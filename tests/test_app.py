@@ -1,15 +1,13 @@
 """The WSGI app through Flask's test client: every route, bad input, real photos, real Redis/RQ.
 
-Nothing is mocked: the packaged backbone with real weights scores Debian's darknet sample
-photos, webhooks go to the real Redis (a private database) and RQ, the model store is a real
+Nothing is mocked: the packaged backbone with real weights scores the darknet sample
+photos committed under tests/data/photos, webhooks go to the real Redis (a private database) and RQ, the model store is a real
 directory.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -17,10 +15,9 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
+from tests.helpers.photos import PHOTOS, copy_photos
 from tests.redis_helpers import reset_db
 
-DARKNET = Path("/usr/share/darknet/data")
-PHOTOS = ("dog", "eagle", "giraffe", "horses", "person", "kite", "scream")
 LABELS = ["dog", "horse", "person", "giraffe", "bird", "kite", "car", "cat", "coffee cup", "rocket"]
 
 
@@ -38,24 +35,10 @@ def config(labels=LABELS, reasons=True, multiple=True, extra=""):
 CONFIG = config()
 
 
-def need_darknet():
-    if not DARKNET.is_dir():
-        message = "the Debian package darknet (sample photos in /usr/share/darknet/data) is not installed"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-
-
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
-    need_darknet()
-    root = tmp_path_factory.mktemp("photos")
-    for name in PHOTOS:
-        shutil.copy(DARKNET / f"{name}.jpg", root / f"{name}.jpg")
-    data = (DARKNET / "dog.jpg").read_bytes()
-    (root / "broken.jpg").write_bytes(data[: len(data) // 3])  # a truncated JPEG
-    (root / "notes.jpg").write_text("these are not pixels")
-    return root
+    # The committed darknet photos, a truncated JPEG and a text file named .jpg.
+    return copy_photos(tmp_path_factory.mktemp("photos"), broken=True)
 
 
 def app_settings(settings, photos: Path, **backend):

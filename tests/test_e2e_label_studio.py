@@ -3,7 +3,7 @@
 The suite installs Label Studio into its own cached virtualenv and starts it from a cached,
 migrated template (see ``tests/label_studio_harness.py``); the backend runs as a child process
 with the packaged weights, the test session's Redis database and basic auth on. Photos are
-Debian's darknet samples, served by Label Studio as local files. Nothing is mocked.
+the committed darknet sample photos, served by Label Studio as local files. Nothing is mocked.
 
 Order matters (one project, one connected backend): connect → retrieve predictions →
 interactive suggestions → annotation webhook → review prediction → update → delete → new label →
@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from types import SimpleNamespace
 import pytest
 import redis as redis_lib
 
-from tests.test_app import DARKNET, PHOTOS, need_darknet
+from tests.helpers.photos import PHOTOS, copy_photos
 
 pytestmark = pytest.mark.e2e
 
@@ -57,16 +56,10 @@ def stack(tmp_path_factory, redis_url, session_data_dir):
     from backend.ls.server import ServerProcess
     from tests.label_studio_harness import start_label_studio_for_test
 
-    need_darknet()
     started = time.monotonic()
     work = tmp_path_factory.mktemp("e2e")
     docroot = work / "files"
-    photos = docroot / "photos"
-    photos.mkdir(parents=True)
-    for name in PHOTOS:
-        shutil.copy(DARKNET / f"{name}.jpg", photos / f"{name}.jpg")
-    data = (DARKNET / "dog.jpg").read_bytes()
-    (photos / "broken.jpg").write_bytes(data[: len(data) // 3])
+    photos = copy_photos(docroot / "photos", broken=True)
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_"))}
     env.update({

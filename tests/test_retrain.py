@@ -19,12 +19,12 @@ from pathlib import Path
 import psutil
 import pytest
 import redis as redis_lib
-
-from tests.redis_helpers import reset_db
 import requests
 
+from tests.helpers.photos import PHOTOS, copy_photos, skimage_photo
+from tests.redis_helpers import reset_db
+
 REPO = Path(__file__).resolve().parent.parent
-DARKNET = Path("/usr/share/darknet/data")
 LABELS = ["dog", "horse", "person", "giraffe", "bird", "kite", "cat", "coffee cup", "rocket"]
 CONFIG = ('<View><Image name="image" value="$image"/><Choices name="labels" toName="image" choice="multiple">'
           + "".join(f'<Choice value="{n}"/>' for n in LABELS) + "</Choices></View>")
@@ -41,23 +41,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> dict[str, Path]:
-    if not DARKNET.is_dir():
-        message = "the Debian package darknet (sample photos in /usr/share/darknet/data) is not installed"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    from PIL import Image
-    from skimage import data
-
     root = tmp_path_factory.mktemp("retrain-photos")
     out = {}
     for name in TRUTH:
-        path = root / f"{name}.jpg"
-        if (DARKNET / f"{name}.jpg").is_file():
-            path.write_bytes((DARKNET / f"{name}.jpg").read_bytes())
+        if name in PHOTOS:
+            out[name] = copy_photos(root, names=[name]) / f"{name}.jpg"
         else:
-            Image.fromarray(getattr(data, name)()).convert("RGB").save(path)
-        out[name] = path
+            out[name] = skimage_photo(name, root, suffix=".jpg")
     return out
 
 

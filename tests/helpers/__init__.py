@@ -1,0 +1,1 @@
+"""Helpers shared by the test files: photos, label configs, processes, waiting."""
