@@ -109,10 +109,29 @@ class EmbeddedRedisSettings(_Section):
     start_timeout_s: float = 15.0
 
 
+class SpoolSettings(_Section):
+    max_entries: int = Field(100000, ge=1)
+    max_mb: float = Field(256.0, gt=0.0)
+    retry_s: float = Field(0.5, gt=0.0)
+    batch: int = Field(100, ge=1)
+    max_replay_attempts: int = Field(100, ge=1)
+
+
 class RedisSettings(_Section):
     connect_timeout_s: float = 2.0
+    socket_timeout_s: float = Field(5.0, gt=0.0)
+    webhook_timeout_s: float = Field(0.25, gt=0.0)
     key_prefix: str = "semlabel"
     embedded: EmbeddedRedisSettings = EmbeddedRedisSettings()
+    spool: SpoolSettings = SpoolSettings()
+    dedup_window: int = Field(50000, ge=1)
+    dedup_ttl_s: float = Field(604800.0, gt=0.0)
+    max_event_kb: int = Field(256, ge=1)
+    max_result_items: int = Field(1000, ge=1)
+    max_label_config_kb: int = Field(1024, ge=1)
+    max_remembered_tasks: int = Field(100000, ge=1)
+    max_task_data_kb: int = Field(16, ge=1)
+    compact_after_training: bool = True
 
 
 class QueueNames(_Section):
@@ -152,6 +171,8 @@ class StoreSettings(_Section):
     keep_versions: int = Field(10, ge=2)
     stale_staging_s: float = 86400.0
     poll_interval_s: float = Field(2.0, gt=0.0)
+    max_watched_projects: int = Field(1000, ge=1)
+    watch_idle_s: float = Field(3600.0, gt=0.0)
 
 
 class PreannotationSettings(_Section):
@@ -290,6 +311,11 @@ class Settings(BaseSettings):
     def models_path(self) -> Path:
         """The model store (``store.root``, else ``<data_dir>/models``)."""
         return Path(self.store.root).expanduser() if self.store.root else self.data_path / "models"
+
+    @property
+    def spool_path(self) -> Path:
+        """Where webhook events wait on disk while Redis is away (``backend.spool``)."""
+        return self.data_path / "spool"
 
     @property
     def redis_data_path(self) -> Path:

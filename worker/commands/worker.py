@@ -162,18 +162,18 @@ def models_status(project, as_json) -> None:
         }
         if redis is not None:
             from rq.exceptions import NoSuchJobError
-            from rq.job import Job
 
-            from backend.events import training_state
+            from backend.events import fetch_job, training_state
 
             state = training_state(redis, name, settings)
             jobs = []
             for job_id in state["jobs"][:10]:
                 try:
-                    jobs.append(_job_summary(Job.fetch(job_id, connection=redis)))
+                    jobs.append(_job_summary(fetch_job(redis, job_id)))
                 except NoSuchJobError:
                     continue
-            entry.update(pending=state["pending"], running=state["running"], events=state["events"], jobs=jobs)
+            entry.update(pending=state["pending"], running=state["running"], events=state["events"],
+                         folded_annotations=state["folded_annotations"], jobs=jobs)
         report[name] = entry
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
