@@ -39,6 +39,7 @@ from werkzeug.exceptions import HTTPException
 from ..errors import ConfigError, InvalidWebhook, RedisUnavailable
 from . import metrics
 from .service import _AUTO, BackendService, NotReady, check_config, project_key
+from ..spool import SpoolFull
 from .webhooks import WebhookAuth, count, handle_webhook
 
 log = logging.getLogger(__name__)
@@ -249,12 +250,12 @@ def create_app(settings=None, *, runtime=None, redis=_AUTO, served=None, backgro
             count(action, "invalid")
             log.warning("webhook %s refused: %s", action, exc.reason)
             return _error(exc.reason, 400)
-        except (RedisUnavailable, _redis.RedisError) as exc:
+        except (RedisUnavailable, _redis.RedisError, SpoolFull) as exc:
             count(action, "unavailable")
             log.error("webhook %s not stored: %s", action, exc)
             return _error(f"event log unavailable: {exc}", 503)
-        count(action, "ignored" if out.get("ignored") else "stored")
-        return jsonify(out), 200 if out.get("ignored") else 201
+        count(action, "ignored" if out.get("ignored") else "spooled" if out.get("spooled") else "stored")
+        return jsonify(out), 200 if out.get("ignored") else 202 if out.get("spooled") else 201
 
     @app.route("/versions", methods=["GET", "POST"])
     def versions():

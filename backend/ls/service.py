@@ -25,7 +25,9 @@ from typing import Any, Mapping, Sequence
 from ..errors import ConfigError, ImageError, RedisUnavailable
 from ..features import Features
 from ..images import ImageLoader
+from ..lsrecord import read_setup, setup_key, setup_record
 from ..settings import Settings, get_settings
+from ..spool import EventRecorder
 from . import metrics, results
 from .config import Binding, ConfigCache, ProjectConfig, TaskDataError
 from .connection import LabelStudioConnection
@@ -102,6 +104,9 @@ class BackendService:
         self.loaded_in_s: float | None = None
         self.review = None
         self._start_threads = start_threads
+        # Webhook events and /setup records: to Redis within the webhook's deadline, else to
+        # the disk spool and replayed in order when Redis answers (backend/spool.py).
+        self.events = EventRecorder(self.settings, lambda: self.redis, start=start_threads)
         if self._redis_auto:
             self.redis  # first connection attempt now (logged when none answers)
         if runtime is not None and served is not None:
@@ -183,6 +188,7 @@ class BackendService:
         return True
 
     def close(self) -> None:
+        self.events.stop()
         if self.review is not None:
             self.review.stop()
         if self.served is not None and hasattr(self.served, "close"):
@@ -291,12 +297,10 @@ class BackendService:
         if self._setup.get(project) == (hostname, token):
             return
         self._setup[project] = (hostname, token)
-        r = self.redis
-        if r is not None:
-            try:
-                r.hset(self.key("ls", project), mapping={"url": hostname or "", "token": token or ""})
-            except Exception as exc:  # noqa: BLE001 - the in-process copy still works
-                log.warning("project %s: could not record the Label Studio host in Redis (%s)", project, exc)
+        try:  # Redis gets a reference to the token, never the token (backend/lsrecord.py)
+            self.events.record_hash(setup_key(project, self.settings), setup_record(hostname, token, self.settings))
+        except Exception as exc:  # noqa: BLE001 - the in-process copy still works
+            log.warning("project %s: could not record the Label Studio host (%s)", project, exc)
 
     def connection(self, project: str | None) -> LabelStudioConnection | None:
         """The Label Studio to fetch images from and store predictions in: ``LABEL_STUDIO_URL`` /
@@ -306,11 +310,10 @@ class BackendService:
             setup = self._setup.get(project)
             if setup is None and self.redis is not None:
                 try:
-                    raw = self.redis.hgetall(self.key("ls", project))
+                    setup = read_setup(self.redis, project, self.settings)
                 except Exception:  # noqa: BLE001
-                    raw = {}
-                if raw:
-                    setup = (raw.get(b"url", b"").decode() or None, raw.get(b"token", b"").decode() or None)
+                    setup = None
+                if setup is not None:
                     self._setup[project] = setup
             if setup is not None:
                 url = url or setup[0]

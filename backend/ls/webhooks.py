@@ -1,9 +1,11 @@
 """Label Studio webhooks: persist, queue review jobs, and keep the webhook authenticated.
 
-:func:`handle_webhook` is the whole of ``POST /webhook``: the event goes to Redis through
-:func:`backend.events.record_webhook` (validated, persisted and debounced into a training job on
-the RQ ``gpu`` queue before it returns, ~2 ms), then annotation events add review jobs
-(:mod:`.review`). Label Studio waits one second for the answer; nothing here waits on a model.
+:func:`handle_webhook` is the whole of ``POST /webhook``: the event and its review jobs
+(:mod:`.review`) go to Redis through :func:`backend.events.record_webhook` (validated,
+persisted and debounced into a training job on the RQ ``gpu`` queue before it returns, ~2 ms)
+— or, when Redis does not answer within ``redis.webhook_timeout_s``, into the disk spool of
+:mod:`backend.spool`, replayed in order when it answers. Label Studio waits one second for the
+answer; nothing here waits on a model or on a Redis that is away.
 
 Basic auth and webhooks: Label Studio sends its webhooks **without** the ML backend's
 credentials (only ``START_TRAINING`` carries them). semlabel does not exempt ``/webhook`` from
@@ -16,13 +18,14 @@ connected, before any annotation can be sent).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import time
 from typing import Any, Mapping
 from urllib.parse import urlparse
 
-from ..errors import InvalidWebhook, RedisUnavailable
+from ..errors import InvalidWebhook
 from . import metrics
 from .review import jobs_for_webhook
 
@@ -30,34 +33,29 @@ log = logging.getLogger(__name__)
 
 
 def handle_webhook(service, payload: Any) -> dict:
-    """Record one webhook payload. Raises :class:`InvalidWebhook` (nothing stored),
-    :class:`RedisUnavailable` or ``redis.RedisError`` (nothing stored)."""
-    from ..events import parse_webhook, record_webhook
+    """Record one webhook payload (validated, then in Redis — or, when Redis does not answer
+    within ``redis.webhook_timeout_s``, in the disk spool: ``spooled``, replayed in order
+    later) together with its review jobs, in one transaction. Raises :class:`InvalidWebhook`
+    or :class:`~backend.spool.SpoolFull` (nothing stored)."""
+    from ..events import parse_webhook
 
     if not isinstance(payload, Mapping):
         raise InvalidWebhook("payload is not a JSON object")
     action = str(payload.get("action") or "").strip().upper() or "?"
-    redis = service.redis
-    if redis is None:
-        parse_webhook(dict(payload))  # a malformed payload is a 400 even without Redis
-        raise RedisUnavailable("no Redis answers; the event cannot be stored")
-    result = record_webhook(redis, dict(payload), service.settings)
+    parsed = parse_webhook(dict(payload), service.settings)
+    jobs, also = [], []
+    if service.cfg.review.enabled and parsed.project is not None:
+        jobs = jobs_for_webhook(payload, parsed.project)
+        now = f"{time.time():.6f}"
+        also = [(service.key("review"), {"job": json.dumps(job, separators=(",", ":"), default=str), "ts": now})
+                for job in jobs]
+    result = service.events.record(parsed, also=also)
     out = result.to_dict()
     if result.ignored:
         return out
-    jobs = []
-    if service.cfg.review.enabled and result.project is not None:
-        jobs = jobs_for_webhook(payload, result.project)
-    if jobs:
-        from .review import ReviewQueue
-
-        queue = service.review or ReviewQueue(service)
-        try:
-            out["review_jobs"] = queue.push(redis, jobs)
-        except Exception as exc:  # noqa: BLE001 - the event itself is stored; say so
-            log.error("project %s: review job not queued (%s); `semlabel suggest` can redo it",
-                      result.project, exc)
-            out["review_jobs"] = []
+    queued = result.stored > 0 or not parsed.events  # duplicates queue no review job again
+    out["review_jobs"] = [{"kind": j["kind"], "annotation": (j.get("annotation") or {}).get("id"),
+                           "annotation_ids": j.get("annotation_ids")} for j in jobs] if queued else []
     if result.training and action == "START_TRAINING":
         out["job"] = result.training.get("job_id")  # Label Studio records it as the train job
     return out
