@@ -131,6 +131,7 @@ class BackendService:
                 self.served = ServedModels(
                     self.store, self.runtime, redis=self.redis,
                     poll_interval_s=self.settings.store.poll_interval_s,
+                    max_projects=self.settings.store.max_watched_projects, idle_s=self.settings.store.watch_idle_s,
                 )
             self.loaded_in_s = round(time.perf_counter() - started, 2)
             self._finish_loading()
