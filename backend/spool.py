@@ -214,10 +214,10 @@ class EventRecorder:
         parsed = payload if isinstance(payload, ParsedWebhook) else parse_webhook(payload, self.settings)
         if parsed.project is None:
             return record_webhook(None, parsed, self.settings)
-        why = self._direct_blocked()
-        if why is None:
+        fast, why = self._direct()
+        if fast is not None:
             try:
-                return record_webhook(self._fast(), parsed, self.settings, also=also)
+                return record_webhook(fast, parsed, self.settings, also=also)
             except _redis.RedisError as exc:
                 why = f"Redis did not answer in {self.settings.redis.webhook_timeout_s} s ({type(exc).__name__})"
         self._append("webhook", {"parsed": asdict(parsed), "also": [list(a) for a in also]}, why)
@@ -226,25 +226,24 @@ class EventRecorder:
 
     def record_hash(self, key: str, mapping: dict[str, str]) -> bool:
         """``HSET key mapping`` now, or through the spool; True when it is in Redis already."""
-        why = self._direct_blocked()
-        if why is None:
+        fast, why = self._direct()
+        if fast is not None:
             try:
-                self._fast().hset(key, mapping=mapping)
+                fast.hset(key, mapping=mapping)
                 return True
             except _redis.RedisError as exc:
                 why = f"Redis did not answer ({type(exc).__name__})"
         self._append("hset", {"key": key, "mapping": mapping}, why)
         return False
 
-    def _direct_blocked(self) -> str | None:
+    def _direct(self):
+        """``(fast client, None)`` when a write may go straight to Redis, else ``(None, why)``."""
         if not self.spool.empty():
-            return "earlier events wait in the disk spool"
-        if self._client() is None:
-            return "no Redis answers"
-        return None
-
-    def _fast(self):
-        return fast_client(self._client(), self.settings.redis.webhook_timeout_s)
+            return None, "earlier events wait in the disk spool"
+        client = self._client()
+        if client is None:
+            return None, "no Redis answers"
+        return fast_client(client, self.settings.redis.webhook_timeout_s), None
 
     def _append(self, kind: str, body: dict, why: str) -> int:
         seq = self.spool.append(kind, body)
