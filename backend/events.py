@@ -20,7 +20,16 @@ log up to its end in one transaction; events after that create the next pending 
 project has at most one queued and one running training, every event is trained on by the
 job that claimed it or by the next one, and none is dropped.
 
-The backend never imports ``worker``: jobs are enqueued by their dotted name.
+Every event has an identity (``eid``, see :func:`parse_webhook`); the project's recent
+identities (``<prefix>:seen:<project>``) are checked in the same transaction, so an event
+received twice — a disk-spool replay (:mod:`backend.spool`), a resend — is stored once.
+
+A training job folds the events it read into the project's snapshot
+(``<prefix>:state:<project>``, :func:`compact_events`) and trims them from the stream; the
+next one reads the snapshot and the events since (:func:`read_state`).
+
+The backend never imports ``worker``: jobs are enqueued by their dotted name, as JSON
+(:func:`job_serializer`).
 """
 
 from __future__ import annotations

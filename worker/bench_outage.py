@@ -16,6 +16,7 @@ short burst without timing anything).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import statistics
@@ -145,7 +146,11 @@ def run(out_dir: Path, *, n: int = 200, rate: float = 5.0, kill_after: int = 25,
 
     root = Path(tempfile.mkdtemp(prefix="semlabel-outage-"))
     base = get_settings()
-    settings = base.model_copy(update={"data_dir": str(root / "data"), "redis_url": None})
+    # Review jobs off: they are written with their webhook's events either way, and their
+    # consumer (which needs a Label Studio) would only add load to what is measured.
+    back = base.backend.model_copy(update={"review": base.backend.review.model_copy(update={"enabled": False})})
+    settings = base.model_copy(update={"data_dir": str(root / "data"), "redis_url": None, "backend": back})
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access line per webhook
     emb = EmbeddedRedis(root / "redis", port=0, appendfsync="always").start()
     port, pid_box = emb.port, [emb]
     client = redis_client(settings, emb.url)
@@ -171,6 +176,8 @@ def run(out_dir: Path, *, n: int = 200, rate: float = 5.0, kill_after: int = 25,
 
     def restart():
         pid_box[0] = EmbeddedRedis(root / "redis", port=port, appendfsync="always").start()
+        if pid_box[0].port != port:
+            raise RuntimeError(f"Redis came back on port {pid_box[0].port}, not {port}")
 
     try:
         burst = outage_burst(post, project=project, n=n, kill_after=kill_after, kill=kill, restart=restart,
@@ -200,6 +207,7 @@ def run(out_dir: Path, *, n: int = 200, rate: float = 5.0, kill_after: int = 25,
         if burst["restarted_at"] else None,
         "spooled_total": service.events.spooled, "replayed_total": service.events.replayed,
         **counts,
+        "load_average_1m": round(os.getloadavg()[0], 2),
         "ok": counts["reached_training"] == n and counts["lost"] == 0 and counts["stored_twice"] == 0,
     }
     out_dir = Path(out_dir)

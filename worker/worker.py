@@ -10,6 +10,8 @@
   dies takes nothing else with it. On the CPU the parent loads the backbone once before
   forking, and every job shares it; CUDA must not be initialised before a fork, so with CUDA
   each job loads the backbone itself.
+- Jobs are read with RQ's JSON serializer (:func:`backend.events.job_serializer`), never
+  unpickled: a job planted in Redis cannot run code here.
 - :func:`local_stack` is the one-machine setup behind ``semlabel serve --with-worker``: a
   Redis (``REDIS_URL``, a local one, or an embedded valkey-server with append-only
   persistence) and a worker subprocess, both stopped on exit.
