@@ -176,8 +176,8 @@ def run(out_dir: Path, *, n: int = 200, rate: float = 5.0, kill_after: int = 25,
 
     def restart():
         pid_box[0] = EmbeddedRedis(root / "redis", port=port, appendfsync="always").start()
-        if pid_box[0].port != port:
-            raise RuntimeError(f"Redis came back on port {pid_box[0].port}, not {port}")
+        if pid_box[0]._server.port != port:
+            raise RuntimeError(f"Redis came back on port {pid_box[0]._server.port}, not {port}")
 
     try:
         burst = outage_burst(post, project=project, n=n, kill_after=kill_after, kill=kill, restart=restart,
