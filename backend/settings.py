@@ -121,6 +121,7 @@ class RedisSettings(_Section):
     connect_timeout_s: float = 2.0
     socket_timeout_s: float = Field(5.0, gt=0.0)
     webhook_timeout_s: float = Field(0.25, gt=0.0)
+    webhook_deadline_s: float = Field(0.5, gt=0.0)
     key_prefix: str = "semlabel"
     embedded: EmbeddedRedisSettings = EmbeddedRedisSettings()
     spool: SpoolSettings = SpoolSettings()

@@ -2,7 +2,8 @@
 
 Label Studio waits one second for a webhook's answer and never sends it again.
 :class:`EventRecorder` writes an event straight to Redis through a client that gives up after
-``redis.webhook_timeout_s`` (no retries); when Redis does not answer in time — or when the
+``redis.webhook_timeout_s`` per command (no retries) and ``redis.webhook_deadline_s`` for the
+whole write; when Redis does not answer in time — or when the
 spool already holds entries, so that nothing overtakes them — the validated event goes to the
 spool instead and the webhook is answered ``202``:
 
@@ -32,6 +33,8 @@ import os
 import sqlite3
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -200,6 +203,7 @@ class EventRecorder:
         self._thread_pid: int | None = None
         self._thread_lock = threading.Lock()
         self._start = start
+        self._writers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="semlabel-webhook-write")
         self.replayed = 0
         self.spooled = 0
         self._last_note = 0.0
@@ -216,8 +220,13 @@ class EventRecorder:
             return record_webhook(None, parsed, self.settings)
         fast, why = self._direct()
         if fast is not None:
+            # One webhook is several round trips; the whole write has a deadline too. A write
+            # that finishes after it is harmless: the spooled copy has the same identity.
+            future = self._writers.submit(record_webhook, fast, parsed, self.settings, also=also)
             try:
-                return record_webhook(fast, parsed, self.settings, also=also)
+                return future.result(timeout=self.settings.redis.webhook_deadline_s)
+            except FutureTimeout:
+                why = f"Redis did not answer within {self.settings.redis.webhook_deadline_s} s"
             except _redis.RedisError as exc:
                 why = f"Redis did not answer in {self.settings.redis.webhook_timeout_s} s ({type(exc).__name__})"
         self._append("webhook", {"parsed": asdict(parsed), "also": [list(a) for a in also]}, why)
@@ -331,6 +340,7 @@ class EventRecorder:
         self._wake.set()
 
     def stop(self) -> None:
+        self._writers.shutdown(wait=False)
         self._stop.set()
         self._wake.set()
         thread = self._thread
