@@ -12,6 +12,7 @@ field is converted on first read.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -30,7 +31,8 @@ def token_ref(token: str) -> str:
 def _secrets_dir(settings: Settings) -> Path:
     path = settings.data_path / "secrets"
     path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
+    with contextlib.suppress(OSError):  # a mounted volume this user does not own
+        os.chmod(path, 0o700)
     return path
 
 

@@ -96,7 +96,8 @@ class Spool:
         if conn is not None and self._local.pid == os.getpid():
             return conn
         self.dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.dir, 0o700)
+        with contextlib.suppress(OSError):  # a mounted volume this user does not own
+            os.chmod(self.dir, 0o700)
         if not self.path.exists():  # sqlite gives its -wal / -shm files the mode of this one
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
