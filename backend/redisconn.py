@@ -108,26 +108,27 @@ def redis_client(settings: Settings | None = None, url: str | None = None) -> re
     return client
 
 
-_FAST: "weakref.WeakKeyDictionary[redis.Redis, redis.Redis]" = weakref.WeakKeyDictionary()
+_FAST: "weakref.WeakKeyDictionary[redis.Redis, dict[float, redis.Redis]]" = weakref.WeakKeyDictionary()
 _FAST_LOCK = threading.Lock()
 
 
 def fast_client(client: redis.Redis, timeout_s: float) -> redis.Redis:
     """A client of the same server as ``client`` whose connects, reads and writes give up
     after ``timeout_s`` seconds, without retries (redis-py retries three times with backoff
-    by default): for paths that must answer within a deadline (webhooks). Cached per client."""
+    by default): for paths that must answer within a deadline (webhooks), or that retry on
+    their own (the spool's replay). Cached per client and timeout."""
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
     with _FAST_LOCK:
-        fast = _FAST.get(client)
+        fast = _FAST.setdefault(client, {}).get(timeout_s)
         if fast is None:
             pool = client.connection_pool
             kwargs = {**pool.connection_kwargs, "socket_timeout": timeout_s,
                       "socket_connect_timeout": timeout_s, "retry": Retry(NoBackoff(), 0),
                       "health_check_interval": 0}
             fast = redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs))
-            _FAST[client] = fast
+            _FAST[client][timeout_s] = fast
         return fast
 
 

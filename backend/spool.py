@@ -274,6 +274,9 @@ class EventRecorder:
         client = self._client()
         if client is None or self.spool.empty():
             return 0
+        # No retries with backoff inside a command: this loop retries every `retry_s`, so the
+        # replay starts as soon as Redis is back.
+        client = fast_client(client, self.settings.redis.socket_timeout_s)
         done = 0
         batch = self.settings.redis.spool.batch
         with self.spool.replaying() as mine:
