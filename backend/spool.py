@@ -134,8 +134,9 @@ class Spool:
         rows = self._db().execute("SELECT seq, kind, body, attempts FROM spool ORDER BY seq LIMIT ?", (n,))
         return [(int(seq), kind, json.loads(body), int(attempts)) for seq, kind, body, attempts in rows]
 
-    def remove(self, seq: int) -> None:
-        self._db().execute("DELETE FROM spool WHERE seq = ?", (seq,))
+    def remove_upto(self, seq: int) -> None:
+        """Delete the entries up to ``seq`` (those replayed, in order): one fsync for a batch."""
+        self._db().execute("DELETE FROM spool WHERE seq <= ?", (seq,))
 
     def failed(self, seq: int, error: str) -> bool:
         """Count a failed replay of ``seq`` (Redis answered, but with an error); after
@@ -286,22 +287,27 @@ class EventRecorder:
                 rows = self.spool.head(batch)
                 if not rows:
                     break
-                for seq, kind, body, _attempts in rows:
-                    try:
-                        self._apply(client, kind, body)
-                    except _UNREACHABLE as exc:
-                        log.info("spool replay paused: Redis not answering (%s)", type(exc).__name__)
-                        return done
-                    except Exception as exc:  # noqa: BLE001 - Redis answered with an error
-                        error = f"{type(exc).__name__}: {str(exc)[:300]}"
-                        if self.spool.failed(seq, error):
+                last = None  # the entries up to here are in Redis (deleted per batch: a crash
+                try:         # before the delete replays them again, which stores nothing twice)
+                    for seq, kind, body, _attempts in rows:
+                        try:
+                            self._apply(client, kind, body)
+                        except _UNREACHABLE as exc:
+                            log.info("spool replay paused: Redis not answering (%s)", type(exc).__name__)
+                            return done
+                        except Exception as exc:  # noqa: BLE001 - Redis answered with an error
+                            error = f"{type(exc).__name__}: {str(exc)[:300]}"
+                            if not self.spool.failed(seq, error):
+                                log.warning("spool entry %d not replayed yet (%s)", seq, error)
+                                return done
                             log.error("spool entry %d set aside after repeated failures (%s)", seq, error)
-                            continue
-                        log.warning("spool entry %d not replayed yet (%s)", seq, error)
-                        return done
-                    self.spool.remove(seq)
-                    done += 1
-                    self.replayed += 1
+                        else:
+                            done += 1
+                            self.replayed += 1
+                        last = seq
+                finally:
+                    if last is not None:
+                        self.spool.remove_upto(last)
         if done:
             log.warning("replayed %d spooled event(s) into Redis", done)
         return done
