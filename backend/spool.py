@@ -208,6 +208,7 @@ class EventRecorder:
         self._writers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="semlabel-webhook-write")
         self.replayed = 0
         self.spooled = 0
+        self.drained_at: float | None = None  # perf_counter() when a replay last emptied the spool
         self._last_note = 0.0
         if start and not self.spool.empty():
             self._ensure_replayer()
@@ -309,6 +310,7 @@ class EventRecorder:
                     if last is not None:
                         self.spool.remove_upto(last)
         if done:
+            self.drained_at = time.perf_counter()
             log.warning("replayed %d spooled event(s) into Redis", done)
         return done
 

@@ -184,7 +184,7 @@ def run(out_dir: Path, *, n: int = 200, rate: float = 5.0, kill_after: int = 25,
                              outage_s=outage_s, rate=rate)
         spool = service.events.spool
         _wait_until(spool.empty, 120)
-        replayed_at = time.perf_counter()
+        replayed_at = service.events.drained_at or time.perf_counter()
         counts = count_training_input(client, project, n, post, settings)
     finally:
         server.shutdown()
