@@ -28,7 +28,7 @@ from ..images import ImageLoader
 from ..settings import Settings, get_settings
 from . import metrics, results
 from .config import Binding, ConfigCache, ProjectConfig, TaskDataError
-from .connection import LabelStudioConnection
+from .connection import LabelStudioConnection, choose_label_studio
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +302,7 @@ class BackendService:
         """The Label Studio to fetch images from and store predictions in: ``LABEL_STUDIO_URL`` /
         ``LABEL_STUDIO_API_KEY`` when set, else what ``/setup`` sent for the project."""
         url, token = self.settings.label_studio_url, self.settings.label_studio_api_key
+        setup = None
         if (not url or not token) and project is not None:
             setup = self._setup.get(project)
             if setup is None and self.redis is not None:
@@ -312,9 +313,7 @@ class BackendService:
                 if raw:
                     setup = (raw.get(b"url", b"").decode() or None, raw.get(b"token", b"").decode() or None)
                     self._setup[project] = setup
-            if setup is not None:
-                url = url or setup[0]
-                token = token or setup[1]
+        url, token = choose_label_studio(self.settings, setup)  # the operator's address only
         if not url:
             return None
         with self._conn_lock:

@@ -36,6 +36,7 @@ def handle_webhook(service, payload: Any) -> dict:
 
     if not isinstance(payload, Mapping):
         raise InvalidWebhook("payload is not a JSON object")
+    _check_project_id(payload)
     action = str(payload.get("action") or "").strip().upper() or "?"
     redis = service.redis
     if redis is None:
@@ -148,5 +149,43 @@ class WebhookAuth:
         return found
 
 
+#: Label Studio 1.23's webhook actions. Any other value is counted as "other", so the
+#: Prometheus label values stay a fixed, small set whatever a caller sends.
+KNOWN_ACTIONS = frozenset({
+    "PROJECT_CREATED", "PROJECT_UPDATED", "PROJECT_DELETED", "TASKS_CREATED", "TASKS_DELETED",
+    "ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED",
+    "LABEL_LINK_CREATED", "LABEL_LINK_UPDATED", "LABEL_LINK_DELETED", "START_TRAINING",
+    "REVIEW_CREATED", "REVIEW_UPDATED", "REVIEWS_DELETED",
+})
+
+
+def webhook_action(payload: Any) -> str:
+    """The payload's action as a metric label: a known action, ``"?"`` (none) or ``"other"``."""
+    if not isinstance(payload, Mapping) or not payload.get("action"):
+        return "?"
+    action = str(payload.get("action"))[:64].strip().upper()
+    return action if action in KNOWN_ACTIONS else "other"
+
+
+def _check_project_id(payload: Mapping) -> None:
+    """A project id, wherever the payload carries one, is a positive integer."""
+    holders = [payload.get("project")]
+    for name in ("annotation", "task"):
+        obj = payload.get(name)
+        if isinstance(obj, Mapping):
+            holders.append(obj.get("project"))
+    for value in holders:
+        if isinstance(value, Mapping):
+            value = value.get("id")
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise InvalidWebhook("project id must be a positive integer")
+        text = str(value).strip()
+        if not text.isdigit() or int(text) <= 0 or len(text) > 18:
+            raise InvalidWebhook(f"project id must be a positive integer, got {text[:20]!r}")
+
+
 def count(action: str, outcome: str) -> None:
-    metrics.WEBHOOKS.labels(action or "?", outcome).inc()
+    action = action if action in KNOWN_ACTIONS or action == "?" else "other"
+    metrics.WEBHOOKS.labels(action, outcome).inc()
