@@ -47,10 +47,14 @@ class TextEmbeddingCache:
     """SQLite-backed cache of text embeddings keyed by (encoder fingerprint, text).
 
     SQLite serialises writers across processes; WAL lets readers proceed meanwhile.
+    ``max_rows`` bounds it: each row records when it was last used, and past the bound the
+    least recently used rows are deleted (their pages are reused, and the WAL is truncated),
+    so label configs sent from outside cannot grow the file without end.
     """
 
-    def __init__(self, path: str | Path | None):
+    def __init__(self, path: str | Path | None, max_rows: int | None = None):
         self.path = Path(path) if path else None
+        self.max_rows = max_rows
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self.hits = 0
@@ -70,8 +74,12 @@ class TextEmbeddingCache:
         conn.execute(
             "CREATE TABLE IF NOT EXISTS text_embedding ("
             " encoder TEXT NOT NULL, text_hash TEXT NOT NULL, dim INTEGER NOT NULL,"
-            " vector BLOB NOT NULL, PRIMARY KEY (encoder, text_hash))"
+            " vector BLOB NOT NULL, last_used REAL NOT NULL DEFAULT 0, PRIMARY KEY (encoder, text_hash))"
         )
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(text_embedding)")}
+        if "last_used" not in columns:  # a file written before the bound existed
+            conn.execute("ALTER TABLE text_embedding ADD COLUMN last_used REAL NOT NULL DEFAULT 0")
+        conn.execute("CREATE INDEX IF NOT EXISTS text_embedding_lru ON text_embedding (last_used)")
         conn.commit()
         return conn
 
@@ -120,6 +128,11 @@ class TextEmbeddingCache:
                 for t in chunk:
                     if hashes[t] in by_hash:
                         found[t] = by_hash[hashes[t]]
+                if self.max_rows and by_hash:
+                    db.execute(f"UPDATE text_embedding SET last_used=? WHERE encoder=? AND text_hash IN "
+                               f"({','.join('?' * len(by_hash))})", [time.time(), encoder, *by_hash])
+            if self.max_rows and found:
+                db.commit()
         missing = [t for t in unique if t not in found]
         self.hits += len(unique) - len(missing)
         self.misses += len(missing)
@@ -127,16 +140,39 @@ class TextEmbeddingCache:
             vectors = compute(missing).detach().float().cpu().numpy()
             with self._lock:
                 db = self._db()
+                now = time.time()
                 db.executemany(
-                    "INSERT OR REPLACE INTO text_embedding VALUES (?, ?, ?, ?)",
+                    "INSERT OR REPLACE INTO text_embedding (encoder, text_hash, dim, vector, last_used) "
+                    "VALUES (?, ?, ?, ?, ?)",
                     [
-                        (encoder, self._hash(t), v.shape[0], v.astype(np.float32).tobytes())
+                        (encoder, self._hash(t), v.shape[0], v.astype(np.float32).tobytes(), now)
                         for t, v in zip(missing, vectors)
                     ],
                 )
                 db.commit()
+                if self.max_rows:
+                    self._evict(db)
             found.update(zip(missing, vectors))
         return torch.from_numpy(np.stack([found[t] for t in texts]).astype(np.float32))
+
+    def _evict(self, db: sqlite3.Connection) -> int:
+        """Delete the least recently used rows beyond ``max_rows``; returns how many."""
+        (rows,) = db.execute("SELECT COUNT(*) FROM text_embedding").fetchone()
+        extra = rows - self.max_rows
+        if extra <= 0:
+            return 0
+        db.execute("DELETE FROM text_embedding WHERE rowid IN "
+                   "(SELECT rowid FROM text_embedding ORDER BY last_used LIMIT ?)", (extra,))
+        db.commit()
+        if self.path is not None:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        log.info("text-embedding cache: removed the %d least recently used rows (limits.text_cache_max_rows=%d)",
+                 extra, self.max_rows)
+        return extra
+
+    def rows(self) -> int:
+        with self._lock:
+            return self._db().execute("SELECT COUNT(*) FROM text_embedding").fetchone()[0]
 
 
 @dataclass

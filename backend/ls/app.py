@@ -89,6 +89,30 @@ def auth_configured(settings) -> bool:
 _METHODS = {"GET", "POST", "HEAD", "OPTIONS", "PUT", "PATCH", "DELETE"}
 
 
+def checked_config(service, xml):
+    """The parsed label config, within ``limits`` (its size before parsing; then its number
+    of labels and their length); ConfigError (a 400) otherwise."""
+    limits = service.settings.limits
+    if isinstance(xml, str):
+        if len(xml) > limits.max_label_config_chars:
+            raise ConfigError(f"label config of {len(xml)} characters, over "
+                              f"limits.max_label_config_chars={limits.max_label_config_chars}")
+        head = xml[:4096].upper()
+        if "<!DOCTYPE" in head or "<!ENTITY" in xml.upper():
+            raise ConfigError("a label config with a DTD or entities is not accepted")
+    config = check_config(service, xml)
+    for b in config.bindings:
+        if len(b.labels) > limits.max_labels:
+            raise ConfigError(f"<Choices name={guard.clip(b.control, 40)!r}> has {len(b.labels)} choices, over "
+                              f"limits.max_labels={limits.max_labels}")
+        for label in b.labels:
+            for text in (label.name, *label.texts):
+                if len(text) > limits.max_label_chars:
+                    raise ConfigError(f"a choice of {len(text)} characters ({guard.clip(text, 40)}), over "
+                                      f"limits.max_label_chars={limits.max_label_chars}")
+    return config
+
+
 class _Models:
     """SemlabelModel per (project, label config), created on first use (LRU)."""
 
@@ -101,7 +125,7 @@ class _Models:
     def get(self, project, xml: str):
         from .model import SemlabelModel
 
-        config = check_config(self.service, xml)  # ConfigError before anything is built
+        config = checked_config(self.service, xml)  # ConfigError before anything is built
         key = (project, config.digest)
         with self._lock:
             model = self._items.get(key)
@@ -131,7 +155,7 @@ def create_app(settings=None, *, runtime=None, redis=_AUTO, served=None, backgro
     settings = service.settings
     limits = settings.limits
     guard.refused.interval_s = settings.auth.refused_log_interval_s
-    app = Flask("semlabel")
+    app = Flask("semlabel", static_folder=None)  # no static files: no file serving at all
     app.config["JSON_SORT_KEYS"] = False
     max_body = int(limits.max_request_mb * 2**20)
     app.config["MAX_CONTENT_LENGTH"] = max_body
@@ -233,7 +257,7 @@ def create_app(settings=None, *, runtime=None, redis=_AUTO, served=None, backgro
             return _error(str(exc), 503)
         if schema:
             try:
-                service.project_config(schema)
+                checked_config(service, schema)
             except ConfigError as exc:
                 log.warning("/setup for project %s refused: %s", project, exc)
                 return _error(str(exc), 400)

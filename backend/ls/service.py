@@ -74,6 +74,7 @@ class BackendService:
         self._ready = threading.Event()
         self._load_error: str | None = None
         self._compute = threading.Lock()
+        self._embedding = threading.Lock()
         self._spaces: OrderedDict[tuple, Any] = OrderedDict()
         self._spaces_lock = threading.Lock()
         self.configs = ConfigCache(self.cfg.reasons_textarea)
@@ -505,7 +506,9 @@ class BackendService:
             cached = key in self._spaces
         if cached:
             return self.label_space(binding)
-        with self._compute:  # the text encoder runs for new labels only
+        # The text encoder runs for new labels only, under its own lock: one new label set
+        # at a time, while image requests keep the compute lock.
+        with self._embedding:
             return self.label_space(binding)
 
     def review_prediction(self, project: str, xml: str, task: Mapping, annotation: Mapping) -> dict | None:

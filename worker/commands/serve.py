@@ -33,9 +33,29 @@ def register(main: click.Group) -> None:
 @click.option("--with-worker", is_flag=True,
               help="Also run Redis (embedded if none answers) and a training worker on this machine.")
 @click.option("--access-log", is_flag=True, help="Log every request.")
-def serve(host, port, workers, threads, timeout, with_worker, access_log) -> None:
+@click.option("--insecure", is_flag=True,
+              help="Serve on a non-loopback address without credentials (anyone who reaches the port "
+                   "can send webhooks that become training data).")
+def serve(host, port, workers, threads, timeout, with_worker, access_log, insecure) -> None:
     """Serve the Label Studio ML backend (connect it in Label Studio: Settings → Model)."""
-    from backend.ls.server import run_gunicorn
+    from backend.errors import ConfigError
+    from backend.ls.app import auth_configured
+    from backend.ls.server import is_loopback, run_gunicorn
+    from backend.settings import get_settings
+
+    try:
+        secured = auth_configured(get_settings())
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    if not secured and not is_loopback(host):
+        if not insecure:
+            raise click.UsageError(
+                f"refusing to serve on {host} without credentials: anyone who can reach that address "
+                "could send forged annotation webhooks (training data) and /setup requests. Set "
+                "BASIC_AUTH_USER and BASIC_AUTH_PASS (Label Studio: the model's basic-auth fields) or "
+                "SEMLABEL_AUTH__URL_SECRET (connect the model as http://host:port/<secret>), serve on "
+                "127.0.0.1, or pass --insecure if the network is trusted.")
+        click.echo(f"semlabel: WARNING: serving on {host} WITHOUT authentication (--insecure)", err=True)
 
     def factory():
         from backend.ls.app import create_app
