@@ -123,8 +123,7 @@ class LimitSettings(_Section):
     max_labels: int = Field(10000, ge=1)
     max_label_chars: int = Field(200, ge=1)
     max_label_config_chars: int = Field(2000000, ge=100)
-    text_cache_max_rows: int = Field(200000, ge=1000)
-    max_projects: int = Field(10000, ge=1)
+    text_cache_max_rows: int = Field(60000, ge=1000)
 
 
 class EmbeddedRedisSettings(_Section):

@@ -171,7 +171,7 @@ def create_app(settings=None, *, runtime=None, redis=_AUTO, served=None, backgro
         webhook_auth = WebhookAuth(expected)
         app.extensions["semlabel_webhook_auth"] = webhook_auth
     if not auth_enabled:
-        log.warning("authentication is OFF: anyone who can reach this port can send predictions requests "
+        log.warning("authentication is OFF: anyone who can reach this port can send prediction requests "
                     "and webhooks (training data). Set BASIC_AUTH_USER and BASIC_AUTH_PASS, or "
                     "SEMLABEL_AUTH__URL_SECRET")
     _clean_downloads(settings)
