@@ -117,9 +117,9 @@ class AuthSettings(_Section):
 class LimitSettings(_Section):
     """Bounds on what one request may make the backend do (backend/ls/guard.py)."""
 
-    max_request_mb: float = Field(16.0, gt=0.0)
-    max_json_depth: int = Field(32, ge=2)
-    max_tasks: int = Field(1000, ge=1)
+    max_request_mb: float = Field(32.0, gt=0.0)
+    max_json_depth: int = Field(64, ge=2)
+    max_tasks: int = Field(10000, ge=1)
     max_labels: int = Field(10000, ge=1)
     max_label_chars: int = Field(200, ge=1)
     max_label_config_chars: int = Field(2000000, ge=100)

@@ -246,6 +246,17 @@ def test_f1_a_redirect_from_label_studio_never_takes_the_token_elsewhere(build, 
     assert attacker.requests == []  # same host name, other port: requests would have kept the header
 
 
+def test_f1_setting_the_webhook_header_never_follows_a_redirect(attacker, label_studio):
+    from backend.ls.connection import LabelStudioConnection
+    from backend.ls.webhooks import WebhookAuth
+
+    attacker.routes["/api/webhooks"] = lambda h: h.reply(200, b"[]", [("Content-Type", "application/json")])
+    label_studio.routes["/api/webhooks"] = redirect_to(f"{attacker.url}/api/webhooks")
+    with pytest.raises(RuntimeError, match="302"):
+        WebhookAuth("Basic eDp5").patch("7", LabelStudioConnection(label_studio.url, "ls-key"), "127.0.0.1:9090")
+    assert label_studio.requests[0][2] == "Token ls-key" and attacker.requests == []
+
+
 # =============================================== Finding 4: redirects, deadline, streaming cap
 def test_f4_an_allowed_host_redirecting_to_a_forbidden_one_is_refused(build, settings, photos, attacker, jpeg):
     inner = StandIn()  # the "internal" service behind the redirect
@@ -353,8 +364,12 @@ def test_f2_compose_requires_basic_auth_credentials():
 
     if compose_bin is None:
         pytest.skip("docker-compose not installed")
-    proc = _config("compose.yaml", {"REDIS_PASSWORD": "s3cret", "LABEL_STUDIO_API_KEY": "tok"})
-    assert proc.returncode != 0 and "BASIC_AUTH_USER" in proc.stderr
+    for name in ("BASIC_AUTH_USER", "BASIC_AUTH_PASS"):
+        env = {"REDIS_PASSWORD": "s3cret", "LABEL_STUDIO_API_KEY": "tok", "BASIC_AUTH_USER": "u",
+               "BASIC_AUTH_PASS": "p"}
+        env[name] = ""  # compose's ${VAR:?} refuses an empty value as it refuses an unset one
+        proc = _config("compose.yaml", env)
+        assert proc.returncode != 0 and name in proc.stderr, (proc.returncode, proc.stderr[-500:])
 
 
 # ============================================= Finding 3 + 10: bodies and JSON before routes

@@ -223,7 +223,7 @@ def create_app(settings=None, *, runtime=None, redis=_AUTO, served=None, backgro
     @app.route("/health", methods=["GET"])
     def health():
         if service.load_error:
-            return jsonify({"status": "ERROR", "ready": False, "error": service.load_error}), 503
+            return jsonify({"status": "ERROR", "ready": False, "error": guard.clip(service.load_error, 300)}), 503
         if not service.ready:
             return jsonify({
                 "status": "LOADING", "ready": False, "model_class": "SemlabelModel",

@@ -129,8 +129,12 @@ class WebhookAuth:
         import requests
 
         headers = conn.auth_headers()
-        resp = requests.get(f"{conn.url}/api/webhooks", params={"project": project}, headers=headers, timeout=5)
+        # No redirects: the token goes to Label Studio's address only.
+        resp = requests.get(f"{conn.url}/api/webhooks", params={"project": project}, headers=headers, timeout=5,
+                            allow_redirects=False)
         resp.raise_for_status()
+        if resp.status_code != 200:
+            raise RuntimeError(f"GET /api/webhooks answered {resp.status_code}")
         found = False
         for hook in resp.json():
             url = urlparse(str(hook.get("url", "")))
@@ -141,8 +145,8 @@ class WebhookAuth:
             if current.get("Authorization") == self.header:
                 continue
             current["Authorization"] = self.header
-            r = requests.patch(f"{conn.url}/api/webhooks/{hook['id']}", json={"headers": current},
-                               headers=headers, timeout=5)
+            r = requests.patch(f"{conn.url}/api/webhooks/{int(hook['id'])}", json={"headers": current},
+                               headers=headers, timeout=5, allow_redirects=False)
             r.raise_for_status()
             log.warning("project %s: Label Studio webhook %s now sends this backend's basic-auth header",
                         project, hook["id"])
