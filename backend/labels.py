@@ -47,9 +47,11 @@ class TextEmbeddingCache:
     """SQLite-backed cache of text embeddings keyed by (encoder fingerprint, text).
 
     SQLite serialises writers across processes; WAL lets readers proceed meanwhile.
-    ``max_rows`` bounds it: each row records when it was last used, and past the bound the
-    least recently used rows are deleted (their pages are reused, and the WAL is truncated),
-    so label configs sent from outside cannot grow the file without end.
+    ``max_rows`` bounds it: a side table records when each row was last used, and past the
+    bound the least recently used rows are deleted (their pages are reused, and the WAL is
+    truncated), so label configs sent from outside cannot grow the file without end. The
+    embeddings table keeps its original four columns, so an older semlabel sharing the file
+    still writes to it (its rows count as least recently used).
     """
 
     def __init__(self, path: str | Path | None, max_rows: int | None = None):
@@ -74,12 +76,14 @@ class TextEmbeddingCache:
         conn.execute(
             "CREATE TABLE IF NOT EXISTS text_embedding ("
             " encoder TEXT NOT NULL, text_hash TEXT NOT NULL, dim INTEGER NOT NULL,"
-            " vector BLOB NOT NULL, last_used REAL NOT NULL DEFAULT 0, PRIMARY KEY (encoder, text_hash))"
+            " vector BLOB NOT NULL, PRIMARY KEY (encoder, text_hash))"
         )
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(text_embedding)")}
-        if "last_used" not in columns:  # a file written before the bound existed
-            conn.execute("ALTER TABLE text_embedding ADD COLUMN last_used REAL NOT NULL DEFAULT 0")
-        conn.execute("CREATE INDEX IF NOT EXISTS text_embedding_lru ON text_embedding (last_used)")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS text_embedding_used ("
+            " encoder TEXT NOT NULL, text_hash TEXT NOT NULL, last_used REAL NOT NULL,"
+            " PRIMARY KEY (encoder, text_hash))"
+        )
+        conn.execute("CREATE INDEX IF NOT EXISTS text_embedding_used_at ON text_embedding_used (last_used)")
         conn.commit()
         return conn
 
@@ -129,8 +133,7 @@ class TextEmbeddingCache:
                     if hashes[t] in by_hash:
                         found[t] = by_hash[hashes[t]]
                 if self.max_rows and by_hash:
-                    db.execute(f"UPDATE text_embedding SET last_used=? WHERE encoder=? AND text_hash IN "
-                               f"({','.join('?' * len(by_hash))})", [time.time(), encoder, *by_hash])
+                    self._touch(db, encoder, list(by_hash))
             if self.max_rows and found:
                 db.commit()
         missing = [t for t in unique if t not in found]
@@ -140,20 +143,29 @@ class TextEmbeddingCache:
             vectors = compute(missing).detach().float().cpu().numpy()
             with self._lock:
                 db = self._db()
-                now = time.time()
                 db.executemany(
-                    "INSERT OR REPLACE INTO text_embedding (encoder, text_hash, dim, vector, last_used) "
-                    "VALUES (?, ?, ?, ?, ?)",
+                    "INSERT OR REPLACE INTO text_embedding VALUES (?, ?, ?, ?)",
                     [
-                        (encoder, self._hash(t), v.shape[0], v.astype(np.float32).tobytes(), now)
+                        (encoder, self._hash(t), v.shape[0], v.astype(np.float32).tobytes())
                         for t, v in zip(missing, vectors)
                     ],
                 )
+                if self.max_rows:
+                    self._touch(db, encoder, [self._hash(t) for t in missing])
                 db.commit()
                 if self.max_rows:
                     self._evict(db)
             found.update(zip(missing, vectors))
         return torch.from_numpy(np.stack([found[t] for t in texts]).astype(np.float32))
+
+    @staticmethod
+    def _touch(db: sqlite3.Connection, encoder: str, hashes: list[str]) -> None:
+        now = time.time()
+        db.executemany(
+            "INSERT INTO text_embedding_used VALUES (?, ?, ?) "
+            "ON CONFLICT (encoder, text_hash) DO UPDATE SET last_used = excluded.last_used",
+            [(encoder, h, now) for h in hashes],
+        )
 
     def _evict(self, db: sqlite3.Connection) -> int:
         """Delete the least recently used rows beyond ``max_rows``; returns how many."""
@@ -161,8 +173,13 @@ class TextEmbeddingCache:
         extra = rows - self.max_rows
         if extra <= 0:
             return 0
-        db.execute("DELETE FROM text_embedding WHERE rowid IN "
-                   "(SELECT rowid FROM text_embedding ORDER BY last_used LIMIT ?)", (extra,))
+        db.execute(
+            "DELETE FROM text_embedding WHERE rowid IN (SELECT t.rowid FROM text_embedding t "
+            "LEFT JOIN text_embedding_used u ON u.encoder = t.encoder AND u.text_hash = t.text_hash "
+            "ORDER BY COALESCE(u.last_used, 0) LIMIT ?)", (extra,))
+        db.execute(
+            "DELETE FROM text_embedding_used WHERE NOT EXISTS (SELECT 1 FROM text_embedding t "
+            "WHERE t.encoder = text_embedding_used.encoder AND t.text_hash = text_embedding_used.text_hash)")
         db.commit()
         if self.path is not None:
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

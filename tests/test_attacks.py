@@ -535,6 +535,16 @@ def test_f5_the_text_embedding_cache_is_bounded_lru(tmp_path):
     assert cache.misses == misses + 1  # the oldest were removed
     wal = Path(str(path) + "-wal")
     assert not wal.exists() or wal.stat().st_size < 2**20
+    # An older semlabel sharing the file still writes its four columns (no schema change) ...
+    import sqlite3
+
+    with sqlite3.connect(path) as old:
+        old.execute("INSERT INTO text_embedding VALUES ('enc', 'h-old', 8, ?)", (b"\0" * 32,))
+    # ... and its rows, never marked as used, are the first to go.
+    cache.get_or_compute("enc", ["one more"], encode)
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM text_embedding WHERE text_hash='h-old'").fetchone() == (0,)
+    assert cache.rows() == 100
 
 
 def test_f5_new_labels_are_embedded_outside_the_compute_lock(build, settings, photos):
