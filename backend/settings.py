@@ -99,8 +99,31 @@ class ImageSettings(_Section):
     max_pixels: int
     max_bytes: int
     http_timeout_s: float
+    download_deadline_s: float = Field(30.0, gt=0.0)
+    max_redirects: int = Field(5, ge=0)
+    decode_max_side: int = Field(2048, ge=64)
     allowed_hosts: list[str] = []
     local_roots: list[str] = []
+
+
+class AuthSettings(_Section):
+    """Who may talk to the backend and which Label Studio it talks to (backend/ls/guard.py)."""
+
+    url_secret: str = ""
+    allowed_label_studio_urls: list[str] = []
+    refused_log_interval_s: float = Field(60.0, gt=0.0)
+
+
+class LimitSettings(_Section):
+    """Bounds on what one request may make the backend do (backend/ls/guard.py)."""
+
+    max_request_mb: float = Field(32.0, gt=0.0)
+    max_json_depth: int = Field(64, ge=2)
+    max_tasks: int = Field(10000, ge=1)
+    max_labels: int = Field(10000, ge=1)
+    max_label_chars: int = Field(200, ge=1)
+    max_label_config_chars: int = Field(2000000, ge=100)
+    text_cache_max_rows: int = Field(60000, ge=1000)
 
 
 class EmbeddedRedisSettings(_Section):
@@ -200,7 +223,6 @@ class BackendSettings(_Section):
     taxonomy: str = ""
     setup_wait_s: float = Field(2.5, gt=0.0)
     predict_wait_s: float = Field(60.0, gt=0.0)
-    max_request_mb: float = Field(64.0, gt=0.0)
 
 
 def _deep_merge(base: dict, override: dict) -> dict:
@@ -274,6 +296,8 @@ class Settings(BaseSettings):
     zero_shot: ZeroShotSettings
     features: FeatureSettings
     images: ImageSettings
+    auth: AuthSettings = AuthSettings()
+    limits: LimitSettings = LimitSettings()
     redis: RedisSettings = RedisSettings()
     worker: WorkerSettings = WorkerSettings()
     store: StoreSettings = StoreSettings()

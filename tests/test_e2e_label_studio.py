@@ -71,6 +71,8 @@ def stack(tmp_path_factory, redis_url, session_data_dir):
         "BASIC_AUTH_PASS": PASSWORD,
         "SEMLABEL_BACKEND__PREANNOTATION__THRESHOLD": "0.75",
         "SEMLABEL_BACKEND__REVIEW__RETRY_AFTER_S": "2",
+        # The test's Label Studio runs on a free loopback port; the operator allows it.
+        "SEMLABEL_AUTH__ALLOWED_LABEL_STUDIO_URLS": '["http://127.0.0.1:*"]',
     })
     server = ServerProcess(log_path=work / "backend.log")
     server.env = env  # not merged with os.environ: no LABEL_STUDIO_* from the outside

@@ -30,7 +30,7 @@ from ..settings import Settings, get_settings
 from ..spool import EventRecorder
 from . import metrics, results
 from .config import Binding, ConfigCache, ProjectConfig, TaskDataError
-from .connection import LabelStudioConnection
+from .connection import LabelStudioConnection, choose_label_studio
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class BackendService:
         self._ready = threading.Event()
         self._load_error: str | None = None
         self._compute = threading.Lock()
+        self._embedding = threading.Lock()
         self._spaces: OrderedDict[tuple, Any] = OrderedDict()
         self._spaces_lock = threading.Lock()
         self.configs = ConfigCache(self.cfg.reasons_textarea)
@@ -307,6 +308,7 @@ class BackendService:
         """The Label Studio to fetch images from and store predictions in: ``LABEL_STUDIO_URL`` /
         ``LABEL_STUDIO_API_KEY`` when set, else what ``/setup`` sent for the project."""
         url, token = self.settings.label_studio_url, self.settings.label_studio_api_key
+        setup = None
         if (not url or not token) and project is not None:
             setup = self._setup.get(project)
             if setup is None and self.redis is not None:
@@ -316,9 +318,7 @@ class BackendService:
                     setup = None
                 if setup is not None:
                     self._setup[project] = setup
-            if setup is not None:
-                url = url or setup[0]
-                token = token or setup[1]
+        url, token = choose_label_studio(self.settings, setup)  # the operator's address only
         if not url:
             return None
         with self._conn_lock:
@@ -510,7 +510,9 @@ class BackendService:
             cached = key in self._spaces
         if cached:
             return self.label_space(binding)
-        with self._compute:  # the text encoder runs for new labels only
+        # The text encoder runs for new labels only, under its own lock: one new label set
+        # at a time, while image requests keep the compute lock.
+        with self._embedding:
             return self.label_space(binding)
 
     def review_prediction(self, project: str, xml: str, task: Mapping, annotation: Mapping) -> dict | None:

@@ -41,6 +41,7 @@ def handle_webhook(service, payload: Any) -> dict:
 
     if not isinstance(payload, Mapping):
         raise InvalidWebhook("payload is not a JSON object")
+    _check_project_id(payload)
     action = str(payload.get("action") or "").strip().upper() or "?"
     parsed = parse_webhook(dict(payload), service.settings)
     jobs, also = [], []
@@ -126,8 +127,12 @@ class WebhookAuth:
         import requests
 
         headers = conn.auth_headers()
-        resp = requests.get(f"{conn.url}/api/webhooks", params={"project": project}, headers=headers, timeout=5)
+        # No redirects: the token goes to Label Studio's address only.
+        resp = requests.get(f"{conn.url}/api/webhooks", params={"project": project}, headers=headers, timeout=5,
+                            allow_redirects=False)
         resp.raise_for_status()
+        if resp.status_code != 200:
+            raise RuntimeError(f"GET /api/webhooks answered {resp.status_code}")
         found = False
         for hook in resp.json():
             url = urlparse(str(hook.get("url", "")))
@@ -138,13 +143,51 @@ class WebhookAuth:
             if current.get("Authorization") == self.header:
                 continue
             current["Authorization"] = self.header
-            r = requests.patch(f"{conn.url}/api/webhooks/{hook['id']}", json={"headers": current},
-                               headers=headers, timeout=5)
+            r = requests.patch(f"{conn.url}/api/webhooks/{int(hook['id'])}", json={"headers": current},
+                               headers=headers, timeout=5, allow_redirects=False)
             r.raise_for_status()
             log.warning("project %s: Label Studio webhook %s now sends this backend's basic-auth header",
                         project, hook["id"])
         return found
 
 
+#: Label Studio 1.23's webhook actions. Any other value is counted as "other", so the
+#: Prometheus label values stay a fixed, small set whatever a caller sends.
+KNOWN_ACTIONS = frozenset({
+    "PROJECT_CREATED", "PROJECT_UPDATED", "PROJECT_DELETED", "TASKS_CREATED", "TASKS_DELETED",
+    "ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED",
+    "LABEL_LINK_CREATED", "LABEL_LINK_UPDATED", "LABEL_LINK_DELETED", "START_TRAINING",
+    "REVIEW_CREATED", "REVIEW_UPDATED", "REVIEWS_DELETED",
+})
+
+
+def webhook_action(payload: Any) -> str:
+    """The payload's action as a metric label: a known action, ``"?"`` (none) or ``"other"``."""
+    if not isinstance(payload, Mapping) or not payload.get("action"):
+        return "?"
+    action = str(payload.get("action"))[:64].strip().upper()
+    return action if action in KNOWN_ACTIONS else "other"
+
+
+def _check_project_id(payload: Mapping) -> None:
+    """A project id, wherever the payload carries one, is a positive integer."""
+    holders = [payload.get("project")]
+    for name in ("annotation", "task"):
+        obj = payload.get(name)
+        if isinstance(obj, Mapping):
+            holders.append(obj.get("project"))
+    for value in holders:
+        if isinstance(value, Mapping):
+            value = value.get("id")
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise InvalidWebhook("project id must be a positive integer")
+        text = str(value).strip()
+        if not text.isdigit() or int(text) <= 0 or len(text) > 18:
+            raise InvalidWebhook(f"project id must be a positive integer, got {text[:20]!r}")
+
+
 def count(action: str, outcome: str) -> None:
-    metrics.WEBHOOKS.labels(action or "?", outcome).inc()
+    action = action if action in KNOWN_ACTIONS or action == "?" else "other"
+    metrics.WEBHOOKS.labels(action, outcome).inc()
