@@ -133,6 +133,7 @@ class EmbeddedRedisSettings(_Section):
 
 
 class SpoolSettings(_Section):
+    dir: str = ""
     max_entries: int = Field(100000, ge=1)
     max_mb: float = Field(256.0, gt=0.0)
     retry_s: float = Field(0.5, gt=0.0)
@@ -339,8 +340,11 @@ class Settings(BaseSettings):
 
     @property
     def spool_path(self) -> Path:
-        """Where webhook events wait on disk while Redis is away (``backend.spool``)."""
-        return self.data_path / "spool"
+        """Where webhook events wait on disk while Redis is away (``backend.spool``):
+        ``redis.spool.dir``, else ``<data_dir>/spool``. One spool belongs to one Redis: its
+        entries are replayed into whichever Redis the process that finds them talks to."""
+        spool_dir = self.redis.spool.dir
+        return Path(spool_dir).expanduser() if spool_dir else self.data_path / "spool"
 
     @property
     def redis_data_path(self) -> Path:

@@ -411,14 +411,17 @@ def test_f3_many_tasks_in_one_request_are_refused(build, settings, photos):
 
 # ======================================================================== real gunicorn
 @pytest.fixture(scope="module")
-def served(session_data_dir):
+def served(session_data_dir, tmp_path_factory):
     from backend.ls.server import ServerProcess
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BASIC_AUTH_", "SEMLABEL_AUTH__",
                                                                     "LABEL_STUDIO_"))}
     env.update({"SEMLABEL_DATA_DIR": str(session_data_dir), "HF_HUB_OFFLINE": "1",
                 "SEMLABEL_BACKBONE__KIND": "packaged", "SEMLABEL_LIMITS__MAX_REQUEST_MB": "1",
-                "SEMLABEL_BACKEND__REVIEW__ENABLED": "false", "REDIS_URL": "redis://127.0.0.1:1/0"})
+                "SEMLABEL_BACKEND__REVIEW__ENABLED": "false", "REDIS_URL": "redis://127.0.0.1:1/0",
+                # Its own spool: what it keeps for the dead Redis must not replay into the
+                # session's live one.
+                "SEMLABEL_REDIS__SPOOL__DIR": str(tmp_path_factory.mktemp("dead-redis-spool"))})
     server = ServerProcess(env={})
     server.env = env
     server.start()
@@ -478,12 +481,18 @@ def test_f10_a_dead_redis_is_not_named_in_the_answer(settings, photos, runtime, 
     from redis.retry import Retry
 
     dead = redis_lib.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
-    app = make_app(attack_settings(settings, photos), runtime, dead, tmp_path)
+    own_spool = attack_settings(settings, photos)
+    own_spool = own_spool.model_copy(update={"redis": own_spool.redis.model_copy(update={
+        "spool": own_spool.redis.spool.model_copy(update={"dir": str(tmp_path / "spool")})})})
+    app = make_app(own_spool, runtime, dead, tmp_path)
     try:
         c = app.test_client()
-        for resp in (c.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7}}),
-                     c.post("/train", json={"project": 7})):
-            assert resp.status_code == 503 and "Redis does not answer" in resp.json["error"]
+        # A webhook waits in the disk spool (202); a direct /train cannot be queued (503).
+        webhook = c.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7}})
+        train = c.post("/train", json={"project": 7})
+        assert webhook.status_code == 202 and webhook.json.get("spooled")
+        assert train.status_code == 503 and "Redis does not answer" in train.json["error"]
+        for resp in (webhook, train):
             assert "127.0.0.1" not in resp.get_data(as_text=True) and "111" not in resp.get_data(as_text=True)
     finally:
         app.extensions["semlabel"].close()
@@ -493,7 +502,7 @@ def test_f10_real_server_hides_redis_addresses_and_tracebacks(served):
     import requests
 
     resp = requests.post(served.url + "/webhook", json={"action": "START_TRAINING", "project": {"id": 7}}, timeout=30)
-    assert resp.status_code == 503
+    assert resp.status_code == 202  # spooled on disk until Redis answers
     assert "127.0.0.1" not in resp.text and ":1" not in resp.text and "Traceback" not in resp.text
     resp = requests.post(served.url + "/predict", data="[" * 100_000, timeout=30,
                          headers={"Content-Type": "application/json"})
