@@ -10,17 +10,11 @@ import pytest
 import redis as redis_lib
 
 from tests.helpers.photos import PHOTO_DIR, copy_photos
+from tests.label_studio_harness import recommended_config
 
 FIXTURE = Path(__file__).parent / "data" / "spot_points.json"
 LABELS = ["dog", "horse", "person", "giraffe", "bird", "kite", "car", "cat", "coffee cup", "rocket"]
-CONFIG = (
-    '<View>\n  <Image name="image" value="$image"/>\n'
-    '  <KeyPoint name="point" toName="image" smart="true" smartOnly="true"/>\n'
-    '  <Rectangle name="box" toName="image" smart="true" smartOnly="true"/>\n'
-    '  <Choices name="labels" toName="image" choice="multiple" showInline="true">\n'
-    + "".join(f'    <Choice value="{n}"/>\n' for n in LABELS)
-    + '  </Choices>\n  <TextArea name="semlabel_reasons" toName="image" editable="false" rows="4"/>\n</View>'
-)
+CONFIG = recommended_config(LABELS)
 SIZES = {"person": (640, 424), "dog": (768, 576), "giraffe": (500, 500), "horses": (773, 512)}
 
 
