@@ -188,3 +188,33 @@ def test_the_fixture_points_stay_on_their_photos():
             x, y, w, h = obj["box"]
             assert 0 <= x <= x + w <= 1 and 0 <= y <= y + h <= 1
             assert all(0 <= v <= 1 for v in obj["point"])
+
+
+def test_a_sigrl_model_scores_the_spot_with_its_adapted_features_attention_and_chosen_labels(runtime):
+    """An untrained SigRL model (the zero-shot model plus heads at their initial values) with
+    co-occurrence counts: the spot's reasons carry SVFR's attention and the chosen labels that
+    co-occur with the suggestion."""
+    from backend.images import ImageBlob
+    from backend.model.checkpoint import TrainedModel
+    from backend.model.config import ModelSettings
+    from backend.model.cooccurrence import CooccurrenceStats
+    from backend.model.serving import SigRLPredictor
+    from backend.model.sigrl import SigRL
+    from backend.model.spot import Spot, crop_fraction, suggest_at_spot
+
+    bb = runtime.backbone
+    module = SigRL(bb.dim, ModelSettings(), bb.zero_shot_scale, bb.zero_shot_bias)
+    stats = CooccurrenceStats.from_label_sets([["dog", "person", "horse"], ["person", "horse"], ["dog"]])
+    model = TrainedModel(module, ["dog", "person", "horse"], stats, {"name": bb.name, "fingerprint": bb.fingerprint,
+                                                                      "dim": bb.dim}, model_id="t1")
+    predictor = SigRLPredictor(model, zero_shot=runtime.zero_shot_predictor())
+    path = PHOTO_DIR / "person.jpg"
+    feats = runtime.features.get_or_compute([ImageBlob(str(path), path.read_bytes())])[0]
+    space = runtime.label_space(LABELS)
+    items = suggest_at_spot(predictor, feats, space, ["dog", "person"], Spot(0.78, 0.52, width=640, height=424),
+                            top_k=3, min_probability=0.0, sigma=1.5, gain=5.0, fraction=crop_fraction(bb))
+    assert len(items) == 3 and all(s.label not in ("dog", "person") for s in items)
+    assert [s.probability for s in items] == sorted((s.probability for s in items), reverse=True)
+    horse = next((s for s in items if s.label == "horse"), None)
+    assert horse is not None and horse.reasons.attention is not None and horse.reasons.attention > 0
+    assert dict(horse.reasons.co_occurring) == {"person": 1.0, "dog": 0.5}  # P(horse | chosen)

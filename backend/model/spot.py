@@ -149,7 +149,9 @@ class LocalTerms:
 
 
 @torch.inference_mode()
-def local_terms(predictor: Predictor, features: Features, space: LabelSpace, known: Sequence[str]) -> LocalTerms:
+def local_terms(predictor: Predictor, features: Features, space: LabelSpace,
+                known: Sequence[str]) -> LocalTerms | None:
+    """The model's local term for one image, or None for a predictor kind without one."""
     from .serving import SigRLPredictor
     from .zeroshot import ZeroShotPredictor, zero_shot_logits
 
@@ -163,7 +165,7 @@ def local_terms(predictor: Predictor, features: Features, space: LabelSpace, kno
                              scale=bb.zero_shot_scale, bias=bb.zero_shot_bias)[0]
         match = features.local @ E.T  # [P, C]
         return LocalTerms(z, z, match, float(bb.zero_shot_scale) * (1.0 - float(predictor.global_weight)))
-    raise TypeError(f"spot scoring does not know the predictor {type(predictor).__name__}")
+    return None
 
 
 def _sigrl_terms(predictor, features: Features, space: LabelSpace, known: Sequence[str]) -> LocalTerms:
@@ -225,6 +227,11 @@ def suggest_at_spot(
     (``Reasons.local``: e_c, ``Reasons.mean_local``: m̄_c; ``Reasons.spot``: where; co-occurring chosen labels; neighbours;
     taxonomy path)."""
     terms = local_terms(predictor, features, space, known)
+    if terms is None:  # a model without local features: its image-wide suggestions
+        items = predictor.suggest([features], space, [list(known)], top_k, min_probability)[0]
+        for item in items:
+            item.reasons.spot = spot.describe()
+        return items
     weights = patch_weights(spot, features.local.shape[0], fraction, sigma)
     chosen = {space.index[n] for n in known if n in space.index}
     cond = None
