@@ -10,13 +10,16 @@ from pathlib import Path
 # Isolation before any semlabel import reads the settings.
 _SESSION_DATA = Path(tempfile.mkdtemp(prefix="semlabel-test-"))
 os.environ["SEMLABEL_DATA_DIR"] = str(_SESSION_DATA)
+# The tests build their outfit mosaics from the Fashion-MNIST slice that ships in the repo
+# (the full set is for `semlabel bench` only), so every machine sees the same images.
+os.environ["SEMLABEL_FASHION_MNIST_DIR"] = str(Path(__file__).resolve().parent / "data" / "fashion-mnist")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-SAMPLE_NAMES = ("chelsea", "coffee", "rocket", "astronaut", "camera")
+from tests.helpers.photos import SKIMAGE_PHOTOS as SAMPLE_NAMES  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -41,23 +44,18 @@ def runtime(settings):
 
 @pytest.fixture(scope="session")
 def sample_images(tmp_path_factory) -> dict[str, Path]:
-    """Real photos from scikit-image, written as PNG files."""
-    from PIL import Image
-    from skimage import data
+    """Real photos from the scikit-image wheel, written as PNG files."""
+    from tests.helpers.photos import skimage_photo
 
     root = tmp_path_factory.mktemp("samples")
-    out = {}
-    for name in SAMPLE_NAMES:
-        path = root / f"{name}.png"
-        Image.fromarray(getattr(data, name)()).save(path)
-        out[name] = path
-    return out
+    return {name: skimage_photo(name, root) for name in SAMPLE_NAMES}
 
 
 @pytest.fixture(scope="session")
 def redis_url():
-    """URL of a private database on the real Redis at 127.0.0.1:6379 (claimed for this session,
-    flushed at the end); skips when no Redis answers."""
+    """URL of a private database on a real Redis (the one on 127.0.0.1:6379, else an embedded
+    valkey started for the session; see tests/redis_helpers.py), claimed for this session and
+    flushed at the end."""
     from tests.redis_helpers import claim_db, release_db
 
     url, client = claim_db()

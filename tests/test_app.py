@@ -38,7 +38,7 @@ CONFIG = config()
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
     # The committed darknet photos, a truncated JPEG and a text file named .jpg.
-    return copy_photos(tmp_path_factory.mktemp("photos"), broken=True)
+    return copy_photos(tmp_path_factory.mktemp("photos"), broken=True, not_an_image=True)
 
 
 def app_settings(settings, photos: Path, **backend):

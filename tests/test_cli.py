@@ -78,8 +78,8 @@ def test_usage_errors_are_one_line(tmp_path):
     assert result.returncode == 2 and "no label names" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_doctor_reports_backbone_device_redis_and_store():
-    result = semlabel("doctor", env={"REDIS_URL": "redis://127.0.0.1:6379/0"})
+def test_doctor_reports_backbone_device_redis_and_store(redis_url):
+    result = semlabel("doctor", env={"REDIS_URL": redis_url})
     assert result.returncode == 0, result.stderr
     report = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
     report = {k.strip(): v for k, v in report.items()}

@@ -26,15 +26,16 @@ def photo(name: str) -> Path:
     return path
 
 
-def copy_photos(root: Path, names=PHOTOS, broken: bool = False) -> Path:
+def copy_photos(root: Path, names=PHOTOS, broken: bool = False, not_an_image: bool = False) -> Path:
     """Copy photos into ``root`` (created); with ``broken``, add a truncated JPEG
-    ``broken.jpg`` and a text file ``notes.jpg``."""
+    ``broken.jpg``; with ``not_an_image``, a text file named ``notes.jpg``."""
     root.mkdir(parents=True, exist_ok=True)
     for name in names:
         shutil.copy(photo(name), root / f"{name}.jpg")
     if broken:
         data = photo("dog").read_bytes()
         (root / "broken.jpg").write_bytes(data[: len(data) // 3])
+    if not_an_image:
         (root / "notes.jpg").write_text("these are not pixels")
     return root
 
