@@ -86,7 +86,7 @@ def project(stack):
     ls.api("POST", f"/api/storages/localfiles/{storage['id']}/sync", expect=200)
     tasks = ls.api("GET", f"/api/tasks?project={p['id']}&fields=all&page_size=100", expect=200)["tasks"]
     by_name = {Path(t["data"]["image"].split("?d=")[-1]).stem: t["id"] for t in tasks}
-    assert sorted(by_name) == sorted([*PHOTOS, "broken", "notes"])  # notes.jpg: text, not pixels
+    assert sorted(by_name) == sorted([*PHOTOS, "broken"])
     return SimpleNamespace(id=p["id"], tasks=by_name, ml=None, version=None)
 
 

@@ -3,6 +3,7 @@ there. Real weights (packaged backbone), real photos, the app through Flask's te
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from tests.label_studio_harness import recommended_config
 FIXTURE = Path(__file__).parent / "data" / "spot_points.json"
 LABELS = ["dog", "horse", "person", "giraffe", "bird", "kite", "car", "cat", "coffee cup", "rocket"]
 CONFIG = recommended_config(LABELS)
+HORSE_POINT = (0.78, 0.52)  # the white horse in person.jpg
 SIZES = {"person": (640, 424), "dog": (768, 576), "giraffe": (500, 500), "horses": (773, 512)}
 
 
@@ -113,8 +115,13 @@ def _choices(*names):
     return [{"from_name": "labels", "to_name": "image", "type": "choices", "value": {"choices": list(names)}}]
 
 
+_TASK_IDS = itertools.count(1000)
+
+
 def _interactive(client, photos, name, spot, **task_extra):
-    body = {"tasks": [{"id": 1, "data": {"image": str(photos / f"{name}.jpg")}, **task_extra}],
+    """One interactive /predict; each call is a new task unless ``id`` is given (the backend
+    remembers its last answer per task)."""
+    body = {"tasks": [{"id": next(_TASK_IDS), **task_extra, "data": {"image": str(photos / f"{name}.jpg")}}],
             "project": "41.1", "label_config": CONFIG, "params": {"context": {"result": [spot]}}}
     resp = client.post("/predict", json=body)
     assert resp.status_code == 200, resp.get_data(as_text=True)
@@ -218,3 +225,24 @@ def test_a_sigrl_model_scores_the_spot_with_its_adapted_features_attention_and_c
     horse = next((s for s in items if s.label == "horse"), None)
     assert horse is not None and horse.reasons.attention is not None and horse.reasons.attention > 0
     assert dict(horse.reasons.co_occurring) == {"person": 1.0, "dog": 0.5}  # P(horse | chosen)
+
+
+def test_two_quick_points_keep_the_first_points_label(client):
+    """Label Studio's draft lags 5 s behind the page: a second point before it is saved
+    builds on the backend's previous answer for the task, so the horse stays ticked."""
+    c, photos = client
+    draft = {"result": _choices("dog", "person"), "updated_at": "2026-01-01T10:00:00Z"}
+
+    def labels_of(out):
+        return next(r for r in out["result"] if r["from_name"] == "labels")
+
+    first = _interactive(c, photos, "person", _point("person", *HORSE_POINT), drafts=[draft], id=77)
+    assert labels_of(first)["value"]["choices"] == ["dog", "person", "horse"]
+    second = _interactive(c, photos, "person", _point("person", 0.36, 0.45), drafts=[draft], id=77)
+    region = labels_of(second)
+    assert region["value"]["choices"][:3] == ["dog", "person", "horse"]
+    assert region["meta"]["chosen_from"] == "draft+last answer"
+    # a draft saved after the answer is the page's state again
+    newer = {"result": _choices("dog"), "updated_at": "2099-01-01T10:00:00Z"}
+    third = _interactive(c, photos, "person", _point("person", *HORSE_POINT), drafts=[newer], id=77)
+    assert labels_of(third)["meta"]["chosen"] == ["dog"]

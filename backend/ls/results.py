@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from datetime import datetime
 from typing import Iterable, Mapping, Sequence
 
 from ..model.predictor import Suggestion
@@ -263,6 +264,22 @@ def current_choices(config: ProjectConfig, task: Mapping, served_version: str | 
         newest = max(own or preds, key=_stamp)
         return config.chosen(newest["result"])[0], "prediction"
     return {b.control: [] for b in config.bindings}, "none"
+
+
+def saved_at(task: Mapping) -> float:
+    """When the newest draft or annotation Label Studio sent with ``task`` was saved (epoch
+    seconds; 0 when none or unreadable)."""
+    newest = 0.0
+    for key in ("drafts", "annotations"):
+        for item in task.get(key) or []:
+            if not isinstance(item, Mapping):
+                continue
+            stamp = _stamp(item)
+            try:
+                newest = max(newest, datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())
+            except ValueError:
+                continue
+    return newest
 
 
 def spot_answer(

@@ -89,6 +89,11 @@ class BackendService:
         # request for one reads its cached features without downloading the image again.
         self._upload_keys: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._upload_lock = threading.Lock()
+        # (project, task id) → (when, choices per control) of the last spot answer: Label
+        # Studio saves the annotator's draft 5 s after a change, so two points in quick
+        # succession would otherwise lose the first point's label.
+        self._answers: OrderedDict[tuple, tuple[float, dict]] = OrderedDict()
+        self._answers_lock = threading.Lock()
         self._taxonomy = None
         if self.cfg.taxonomy:
             from ..labels import Taxonomy
@@ -473,6 +478,10 @@ class BackendService:
                     sources.append("context")
                 else:
                     row, source = results.current_choices(config, tasks[i], version)
+                    last = self._last_answer(project, tasks[i])
+                    if last is not None and last[0] > results.saved_at(tasks[i]):
+                        row = {c: list(dict.fromkeys([*row.get(c, []), *last[1].get(c, [])])) for c in row}
+                        source += "+last answer"
                     chosen_rows.append(row)
                     sources.append(source)
             top_k, min_p = self.settings.suggest.top_k, self.settings.suggest.min_probability
@@ -486,6 +495,7 @@ class BackendService:
                         version, add=self.settings.suggest.spot.add, ignored=unknown,
                         meta={"chosen_from": sources[j]},
                     )
+                    self._remember_answer(project, tasks[i], entries[i])
                 else:
                     entries[i] = results.suggestions(config, chosen_rows[j], task_items, version, ignored=unknown)
         for i, err in enumerate(errors):
@@ -519,6 +529,25 @@ class BackendService:
                     [f[b.object] for f in feats], space, known, top_k, min_probability
                 )
         return out
+
+    def _last_answer(self, project, task) -> tuple[float, dict] | None:
+        key = (project, task.get("id"))
+        with self._answers_lock:
+            hit = self._answers.get(key)
+        if hit is None or time.time() - hit[0] > 600:
+            return None
+        return hit
+
+    def _remember_answer(self, project, task, entry: Mapping) -> None:
+        if task.get("id") is None:
+            return
+        choices = {r["from_name"]: list(r["value"]["choices"]) for r in entry.get("result", [])
+                   if r.get("type") == "choices"}
+        with self._answers_lock:
+            self._answers[(project, task.get("id"))] = (time.time(), choices)
+            self._answers.move_to_end((project, task.get("id")))
+            while len(self._answers) > 10_000:
+                self._answers.popitem(last=False)
 
     def _spot_suggestions(self, predictor, config, feats, chosen, spots) -> dict:
         """``{(control, object): [per image: [(Spot, [Suggestion])]]}`` for the bindings whose
