@@ -71,6 +71,13 @@ def stack(tmp_path_factory, redis_url, session_data_dir):
         server.stop()
         if "ls" in locals():
             ls.stop()
+        # Label Studio numbers projects from 1 in every instance: leave no events of this
+        # project 1 to the next module's
+        import redis as redis_lib
+
+        from tests.redis_helpers import reset_db
+
+        reset_db(redis_lib.Redis.from_url(redis_url))
 
 
 def _choices(result, name="labels"):
