@@ -23,7 +23,10 @@ class ImageError(SemlabelError):
     def __init__(self, source: str, detail: str = ""):
         self.source = source
         self.detail = detail
-        super().__init__(f"{source}: {self.reason}" + (f" ({detail})" if detail else ""))
+        # The source comes from a request: shown short, with control characters escaped.
+        shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(source)[:160])
+        shown += f"…({len(source)} chars)" if len(str(source)) > 160 else ""
+        super().__init__(f"{shown}: {self.reason}" + (f" ({detail})" if detail else ""))
 
 
 class ImageNotFound(ImageError):

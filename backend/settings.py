@@ -99,8 +99,31 @@ class ImageSettings(_Section):
     max_pixels: int
     max_bytes: int
     http_timeout_s: float
+    download_deadline_s: float = Field(30.0, gt=0.0)
+    max_redirects: int = Field(5, ge=0)
+    decode_max_side: int = Field(2048, ge=64)
     allowed_hosts: list[str] = []
     local_roots: list[str] = []
+
+
+class AuthSettings(_Section):
+    """Who may talk to the backend and which Label Studio it talks to (backend/ls/guard.py)."""
+
+    url_secret: str = ""
+    allowed_label_studio_urls: list[str] = []
+    refused_log_interval_s: float = Field(60.0, gt=0.0)
+
+
+class LimitSettings(_Section):
+    """Bounds on what one request may make the backend do (backend/ls/guard.py)."""
+
+    max_request_mb: float = Field(32.0, gt=0.0)
+    max_json_depth: int = Field(64, ge=2)
+    max_tasks: int = Field(10000, ge=1)
+    max_labels: int = Field(10000, ge=1)
+    max_label_chars: int = Field(200, ge=1)
+    max_label_config_chars: int = Field(2000000, ge=100)
+    text_cache_max_rows: int = Field(60000, ge=1000)
 
 
 class EmbeddedRedisSettings(_Section):
@@ -109,10 +132,30 @@ class EmbeddedRedisSettings(_Section):
     start_timeout_s: float = 15.0
 
 
+class SpoolSettings(_Section):
+    max_entries: int = Field(100000, ge=1)
+    max_mb: float = Field(256.0, gt=0.0)
+    retry_s: float = Field(0.5, gt=0.0)
+    batch: int = Field(100, ge=1)
+    max_replay_attempts: int = Field(100, ge=1)
+
+
 class RedisSettings(_Section):
     connect_timeout_s: float = 2.0
+    socket_timeout_s: float = Field(5.0, gt=0.0)
+    webhook_timeout_s: float = Field(0.25, gt=0.0)
+    webhook_deadline_s: float = Field(0.5, gt=0.0)
     key_prefix: str = "semlabel"
     embedded: EmbeddedRedisSettings = EmbeddedRedisSettings()
+    spool: SpoolSettings = SpoolSettings()
+    dedup_window: int = Field(50000, ge=1)
+    dedup_ttl_s: float = Field(604800.0, gt=0.0)
+    max_event_kb: int = Field(256, ge=1)
+    max_result_items: int = Field(1000, ge=1)
+    max_label_config_kb: int = Field(1024, ge=1)
+    max_remembered_tasks: int = Field(100000, ge=1)
+    max_task_data_kb: int = Field(16, ge=1)
+    compact_after_training: bool = True
 
 
 class QueueNames(_Section):
@@ -152,6 +195,8 @@ class StoreSettings(_Section):
     keep_versions: int = Field(10, ge=2)
     stale_staging_s: float = 86400.0
     poll_interval_s: float = Field(2.0, gt=0.0)
+    max_watched_projects: int = Field(1000, ge=1)
+    watch_idle_s: float = Field(3600.0, gt=0.0)
 
 
 class PreannotationSettings(_Section):
@@ -180,7 +225,6 @@ class BackendSettings(_Section):
     taxonomy: str = ""
     setup_wait_s: float = Field(2.5, gt=0.0)
     predict_wait_s: float = Field(60.0, gt=0.0)
-    max_request_mb: float = Field(64.0, gt=0.0)
 
 
 def _deep_merge(base: dict, override: dict) -> dict:
@@ -254,6 +298,8 @@ class Settings(BaseSettings):
     zero_shot: ZeroShotSettings
     features: FeatureSettings
     images: ImageSettings
+    auth: AuthSettings = AuthSettings()
+    limits: LimitSettings = LimitSettings()
     redis: RedisSettings = RedisSettings()
     worker: WorkerSettings = WorkerSettings()
     store: StoreSettings = StoreSettings()
@@ -292,6 +338,11 @@ class Settings(BaseSettings):
     def models_path(self) -> Path:
         """The model store (``store.root``, else ``<data_dir>/models``)."""
         return Path(self.store.root).expanduser() if self.store.root else self.data_path / "models"
+
+    @property
+    def spool_path(self) -> Path:
+        """Where webhook events wait on disk while Redis is away (``backend.spool``)."""
+        return self.data_path / "spool"
 
     @property
     def redis_data_path(self) -> Path:

@@ -37,6 +37,7 @@ import shutil
 import socket
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -659,6 +660,8 @@ class ServedModels:
         poll_interval_s: float = 2.0,
         fallback=None,
         start: bool = True,
+        max_projects: int = 1000,
+        idle_s: float = 3600.0,
     ):
         self.store = store
         self.runtime = runtime
@@ -669,6 +672,12 @@ class ServedModels:
         self._served: dict[str, Any] = {}      # project -> predictor
         self._versions: dict[str, str | None] = {}  # project -> served store version
         self._seen: dict[str, tuple | None] = {}    # project -> pointer stamp last acted on
+        # project -> when it was last asked for, least recent first. The watcher polls these
+        # only: at most `max_projects`, each forgotten `idle_s` after its last request (any
+        # id a request names would otherwise be polled every few seconds for ever).
+        self._asked: OrderedDict[str, float] = OrderedDict()
+        self.max_projects = max_projects
+        self.idle_s = idle_s
         self._lock = threading.RLock()
         self._load_lock = threading.Lock()
         self._wake = threading.Event()
@@ -688,6 +697,10 @@ class ServedModels:
         with self._lock:
             predictor = self._served.get(key)
             known = key in self._seen
+            self._asked[key] = time.monotonic()
+            self._asked.move_to_end(key)
+            while len(self._asked) > self.max_projects:
+                self._forget(next(iter(self._asked)))
         if predictor is not None:
             return predictor
         if not known:  # first request for this project in this process: load its version now
@@ -755,6 +768,19 @@ class ServedModels:
         with self._lock:
             return list(self._seen)
 
+    def _forget(self, key: str) -> None:
+        """Stop watching ``key`` (caller holds ``_lock``); its next request loads it again."""
+        self._asked.pop(key, None)
+        self._seen.pop(key, None)
+        self._served.pop(key, None)
+        self._versions.pop(key, None)
+
+    def _forget_idle(self) -> None:
+        cutoff = time.monotonic() - self.idle_s
+        with self._lock:
+            while self._asked and next(iter(self._asked.values())) < cutoff:
+                self._forget(next(iter(self._asked)))
+
     def _refresh(self, key: str) -> None:
         with self._load_lock:  # one load at a time per process; requests never wait on it
             stamp = self.store.pointer_stamp(key)
@@ -767,6 +793,7 @@ class ServedModels:
                 served = self._versions.get(key)
             if target is None or target == served:
                 with self._lock:
+                    self._asked.setdefault(key, time.monotonic())
                     self._seen[key] = stamp
                     self._versions.setdefault(key, served)
                 return
@@ -779,6 +806,7 @@ class ServedModels:
                         target = candidate
                         break
             with self._lock:
+                self._asked.setdefault(key, time.monotonic())  # every watched project is bounded
                 self._seen[key] = stamp
                 if predictor is not None:
                     self._served[key] = predictor  # the swap: one assignment
@@ -814,6 +842,7 @@ class ServedModels:
             self._wake.clear()
             if self._stop.is_set():
                 break
+            self._forget_idle()
             for key in self._known():
                 try:
                     self._refresh(key)

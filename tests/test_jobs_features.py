@@ -9,10 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rq import Queue
-from rq.job import Job
-
-from backend.events import record_webhook
+from backend.events import fetch_job, queue, record_webhook
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,11 +28,11 @@ def test_tasks_created_prefetches_features_on_the_cpu_queue(redis_url, redis_con
     tasks.append({"id": 99, "data": {"image": str(REPO / "no-such-image.png")}})
     result = record_webhook(redis_conn, {"action": "TASKS_CREATED", "project": {"id": 5}, "tasks": tasks}, settings)
     assert result.stored == 0 and not result.ignored
-    (job,) = Queue("cpu", connection=redis_conn).jobs
+    (job,) = queue(redis_conn, "cpu").jobs
     proc = subprocess.run([sys.executable, "-m", "worker.cli", "worker", "--burst", "--queue", "cpu"], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    job = Job.fetch(job.id, connection=redis_conn)
+    job = fetch_job(redis_conn, job.id)
     assert job.get_status() == "finished", proc.stderr[-3000:]
     out = job.return_value()
     assert out["images"] == len(tasks) and out["errors"] == 1

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import textwrap
@@ -28,10 +29,17 @@ def free_port() -> int:
 
 
 def answers(port: int) -> bool:
+    """A server is listening on ``port`` (one that demands a password counts)."""
     try:
         return bool(redis.Redis(port=port, socket_connect_timeout=0.5).ping())
+    except redis.AuthenticationError:
+        return True
     except redis.RedisError:
         return False
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
 
 
 @pytest.fixture
@@ -81,7 +89,16 @@ def test_embedded_server_starts_with_append_only_persistence_and_stops(isolated)
     settings, port = isolated
     url, server = ensure_redis(settings)
     try:
-        assert server is not None and url == f"redis://127.0.0.1:{port}/0"
+        assert server is not None and url.startswith("redis://:") and url.endswith(f"@127.0.0.1:{port}/0")
+        # A generated password, kept for this user only, is the only way in.
+        password = (settings.redis_data_path / "password").read_text().strip()
+        assert len(password) >= 32 and url == f"redis://:{password}@127.0.0.1:{port}/0"
+        assert mode(settings.redis_data_path) == 0o700
+        assert mode(settings.redis_data_path / "password") == mode(settings.redis_data_path / "url") == 0o600
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port).set("anyone", "in")
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port, password="guess").ping()
         client = redis.Redis.from_url(url)
         assert client.config_get("appendonly") == {"appendonly": "yes"}
         assert Path(client.config_get("dir")["dir"]) == settings.redis_data_path
@@ -100,6 +117,7 @@ def test_embedded_server_starts_with_append_only_persistence_and_stops(isolated)
     assert any(p.name.endswith(".aof") for p in aof)
     url2, server2 = ensure_redis(settings)
     try:
+        assert url2 == url  # the same password after a restart
         assert redis.Redis.from_url(url2).get("survives") == b"restart"
     finally:
         server2.stop()
@@ -135,7 +153,7 @@ def test_local_stack_starts_redis_and_a_worker_and_stops_both_on_exit(isolated, 
         line = proc.stdout.readline()
         family = psutil.Process(proc.pid).children(recursive=True)
         info = json.loads(line)
-        assert info["url"] == f"redis://127.0.0.1:{port}/0" and info["workers"] == ["stack-test"]
+        assert info["url"].endswith(f"@127.0.0.1:{port}/0") and info["workers"] == ["stack-test"]
         assert answers(port) and psutil.pid_exists(info["worker_pid"])
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) != 0

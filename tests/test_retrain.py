@@ -300,12 +300,10 @@ def test_a_corrupted_version_is_refused_and_the_previous_keeps_serving(stack, ph
 
 
 def test_a_worker_killed_mid_training_changes_nothing_served_and_the_job_is_retried(stack, photos):
-    from rq import Queue
-    from rq.job import Job
     from rq.registry import StartedJobRegistry
     from rq.scheduler import RQScheduler
 
-    from backend.events import training_state
+    from backend.events import fetch_job, queue, training_state
     from backend.store import ModelStore
 
     r = redis_lib.Redis.from_url(stack.redis_url)
@@ -320,7 +318,7 @@ def test_a_worker_killed_mid_training_changes_nothing_served_and_the_job_is_retr
         assert stack.annotate(303, name, TRUTH[name] + ["person"], action="ANNOTATION_UPDATED").status_code == 201
     resp = stack.webhook({"action": "START_TRAINING", "project": {"id": 303, "label_config": CONFIG}})
     assert resp.status_code == 201
-    job = Job.fetch(training_state(r, 303)["jobs"][0], connection=r)
+    job = fetch_job(r, training_state(r, 303)["jobs"][0])
 
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -341,7 +339,7 @@ def test_a_worker_killed_mid_training_changes_nothing_served_and_the_job_is_retr
     assert [v.version for v in store.versions(303)] == [v1] and store.current(303) == v1
     assert job.get_status() == "started"
     # RQ's maintenance (run here with the clock past the dead worker's heartbeat) retries it.
-    StartedJobRegistry(queue=Queue("gpu", connection=r)).cleanup(timestamp=time.time() + 120)
+    StartedJobRegistry(queue=queue(r, "gpu")).cleanup(timestamp=time.time() + 120)
     for name in ("gpu", "cpu"):
         r.delete(RQScheduler.get_locking_key(name))
     job.refresh()

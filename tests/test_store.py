@@ -219,6 +219,30 @@ def test_served_models_poll_without_redis(tmp_path):
         served.close()
 
 
+def test_the_watched_projects_are_bounded_and_expire(tmp_path):
+    """Any project id a request names was watched (its pointer file polled every 2 s) for ever:
+    5 000 made-up ids meant 5 000 stats every poll. Now at most `max_projects`, least recently
+    requested forgotten first, and idle ones forgotten after `idle_s`; a forgotten project
+    still serves its current version on its next request."""
+    store = ModelStore(tmp_path / "m")
+    v1 = _publish(store, 1, {"cat": 1.0}, 0.5)
+    zero = TinyPredictor({}, "zero")
+    served = ServedModels(store, None, load_tiny, None, poll_interval_s=0.05, fallback=zero,
+                          max_projects=10, idle_s=3600)
+    try:
+        assert served.get(1).version == v1.version
+        for pid in range(1000, 6000):
+            assert served.get(pid) is zero
+        assert len(served._known()) == 10 and "1" not in served._known()
+        assert served.get(1).version == v1.version  # loaded again on its next request
+        assert len(served._known()) == 10 and "1" in served._known()
+        served.idle_s = 0.01
+        assert _wait(lambda: served._known() == [], 5)  # the poller forgets idle projects
+        assert served.get(1).version == v1.version
+    finally:
+        served.close()
+
+
 def test_a_version_that_fails_to_load_is_refused_and_the_previous_keeps_serving(tmp_path, redis_conn):
     store = ModelStore(tmp_path / "m", redis_conn)
     v1 = _publish(store, 13, {"cat": 1.0}, 0.5)

@@ -18,10 +18,10 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
-from rq import Queue, Worker
+from rq import Worker
 from rq.job import Job
 
-from backend.events import record_webhook, training_state
+from backend.events import fetch_job, queue, record_webhook, training_state
 from backend.store import ModelStore
 from tests.test_events import annotation_event, project
 
@@ -82,11 +82,11 @@ def stack(redis_url, redis_conn, tmp_path, monkeypatch):
                                     "tasks": [{"id": 100 + i, "data": {"image": f"/img/{i}.png"}}
                                               for i in range(start, start + n)]}, settings)
         for i in range(start, start + n):
-            record_webhook(redis_conn, annotation_event(i, 100 + i, ("cat",) if i % 3 else ("cat", "dog"), pid=pid),
+            record_webhook(redis_conn, annotation_event(i + 1, 100 + i, ("cat",) if i % 3 else ("cat", "dog"), pid=pid),
                            settings)
 
     ns = SimpleNamespace(settings=settings, redis=redis_conn, start_worker=start_worker, log_of=log_of, seed=seed,
-                         store=ModelStore.from_settings(settings, redis_conn), queue=Queue("gpu", connection=redis_conn))
+                         store=ModelStore.from_settings(settings, redis_conn), queue=queue(redis_conn, "gpu"))
     yield ns
     for proc in procs:
         if proc.poll() is None:
@@ -103,7 +103,7 @@ def stack(redis_url, redis_conn, tmp_path, monkeypatch):
 
 def jobs_of(stack, pid) -> list[Job]:
     ids = training_state(stack.redis, pid, stack.settings)["jobs"]
-    return [Job.fetch(j, connection=stack.redis) for j in reversed(ids)]
+    return [fetch_job(stack.redis, j) for j in reversed(ids)]
 
 
 def test_start_training_in_a_real_worker_publishes_with_progress(stack):
@@ -111,7 +111,7 @@ def test_start_training_in_a_real_worker_publishes_with_progress(stack):
     info = record_webhook(stack.redis, {"action": "START_TRAINING", "project": project(1)}, stack.settings).training
     proc = stack.start_worker("burst-1", "--burst")
     assert proc.wait(timeout=120) == 0, stack.log_of("burst-1")
-    job = Job.fetch(info["job_id"], connection=stack.redis)
+    job = fetch_job(stack.redis, info["job_id"])
     assert job.get_status() == "finished", stack.log_of("burst-1")
     result = job.return_value()
     assert result["status"] == "published" and result["promoted"] and result["tasks"] == 6
@@ -131,7 +131,8 @@ def test_start_training_in_a_real_worker_publishes_with_progress(stack):
                               text=True, timeout=60)
     assert info_out.returncode == 0 and "gpu" in info_out.stdout
     # Nothing changed since: a second, non-forced run is skipped as up to date.
-    record_webhook(stack.redis, annotation_event(0, 100, ("cat", "dog"), action="ANNOTATION_UPDATED", pid=1),
+    record_webhook(stack.redis, annotation_event(1, 100, ("cat", "dog"), action="ANNOTATION_UPDATED", pid=1,
+                                                  updated_at="2026-11-23T02:00:00Z"),
                    stack.settings)
     stack.start_worker("burst-2", "--burst").wait(timeout=120)
     # The update had the same content: the pending job is still waiting out its quiet second.
@@ -154,7 +155,7 @@ def test_twenty_webhooks_in_one_second_make_one_or_two_jobs_and_lose_nothing(sta
     t0 = time.time()
     results = []
     for i in range(20):
-        results.append(record_webhook(stack.redis, annotation_event(i, 200 + i, ("cat",), pid=2), burst))
+        results.append(record_webhook(stack.redis, annotation_event(i + 1, 200 + i, ("cat",), pid=2), burst))
         time.sleep(max(0.0, t0 + (i + 1) * 0.05 - time.time()))
     assert all(r.stored == 1 for r in results)
 
@@ -172,7 +173,9 @@ def test_twenty_webhooks_in_one_second_make_one_or_two_jobs_and_lose_nothing(sta
     # None lost: the served version was trained on all twenty annotations.
     current = [v for v in versions if v.current][0]
     assert current.data_summary["annotations"] == 20 and current.data_summary["tasks"] == 20
-    assert training_state(stack.redis, 2, stack.settings)["events"] == 20
+    # The trainings folded the stream into the project's snapshot: nothing left unfolded.
+    state = training_state(stack.redis, 2, stack.settings)
+    assert state["events"] == 0 and state["folded_annotations"] == 20
 
 
 def test_a_killed_work_horse_is_retried_and_publishes(stack):
@@ -182,7 +185,7 @@ def test_a_killed_work_horse_is_retried_and_publishes(stack):
     env = {"SEMLABEL_TEST_EPOCHS": "6", "SEMLABEL_TEST_EPOCH_S": "0.5"}
     info = record_webhook(stack.redis, {"action": "START_TRAINING", "project": project(3)}, stack.settings).training
     stack.start_worker("w-horse", env=env)
-    job = Job.fetch(info["job_id"], connection=stack.redis)
+    job = fetch_job(stack.redis, info["job_id"])
 
     def training():
         job.refresh()
@@ -214,12 +217,12 @@ def test_a_killed_worker_leaves_the_served_version_and_no_half_written_version(s
     first = record_webhook(stack.redis, {"action": "START_TRAINING", "project": project(4)}, stack.settings).training
     assert stack.start_worker("w-first", "--burst").wait(timeout=120) == 0
     v1 = stack.store.current(4)
-    assert v1 and Job.fetch(first["job_id"], connection=stack.redis).get_status() == "finished"
+    assert v1 and fetch_job(stack.redis, first["job_id"]).get_status() == "finished"
 
     stack.seed(4, 4, start=6)
     info = record_webhook(stack.redis, {"action": "START_TRAINING", "project": project(4)}, stack.settings).training
     worker = stack.start_worker("w-doomed", env={"SEMLABEL_TEST_EPOCHS": "20", "SEMLABEL_TEST_EPOCH_S": "0.3"})
-    job = Job.fetch(info["job_id"], connection=stack.redis)
+    job = fetch_job(stack.redis, info["job_id"])
 
     def training():
         job.refresh()
@@ -267,7 +270,7 @@ def test_two_workers_never_train_one_project_at_once(stack):
     stack.start_worker("w-b", env=env)
     stack.seed(5, 6)
     first = record_webhook(stack.redis, {"action": "START_TRAINING", "project": project(5)}, stack.settings).training
-    job1 = Job.fetch(first["job_id"], connection=stack.redis)
+    job1 = fetch_job(stack.redis, first["job_id"])
 
     def stage(job, name):
         job.refresh()
@@ -305,7 +308,7 @@ def test_a_permanent_failure_is_not_retried_and_says_why(stack):
                                      {"type": "choices", "value": {"choices": ["cat"]}}]}}, stack.settings)
     info = record_webhook(stack.redis, {"action": "START_TRAINING", "project": 6}, stack.settings).training
     assert stack.start_worker("w-perm", "--burst").wait(timeout=120) == 0
-    job = Job.fetch(info["job_id"], connection=stack.redis)
+    job = fetch_job(stack.redis, info["job_id"])
     assert job.get_status() == "failed" and job.retries_left == 0
     assert "no label config known" in job.meta["error"]
     out = subprocess.run([sys.executable, "-m", "worker.cli", "models", "status", "--project", "6"], cwd=REPO,

@@ -43,10 +43,10 @@ from typing import Any, Callable
 from backend.errors import SemlabelError
 from backend.events import (
     claim_pending,
+    compact_events,
     keys_for,
     project_info,
-    read_events,
-    reconcile,
+    read_state,
     request_training,
     task_data,
 )
@@ -62,6 +62,22 @@ FORCING_REASONS = ("START_TRAINING", "semlabel models train")
 
 class PermanentJobError(SemlabelError):
     """A training failure that retrying cannot fix (bad label config, ...)."""
+
+
+def plain(value: Any) -> Any:
+    """``value`` as JSON data (RQ stores jobs' meta and results with its JSON serializer):
+    numpy / torch scalars become numbers, arrays lists, paths and other objects strings."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [plain(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy / torch arrays and scalars
+        return plain(value.tolist())
+    if hasattr(value, "item"):
+        return plain(value.item())
+    return str(value)
 
 
 # ---------------------------------------------------------------------------- runtime
@@ -109,7 +125,7 @@ class Progress:
         if stage is not None:
             self.job.meta["stage"] = stage
             log.info("job %s: %s %s", self.job.id, stage, fields or "")
-        self.job.meta.update({k: v for k, v in fields.items()})
+        self.job.meta.update({k: plain(v) for k, v in fields.items()})
         self.job.meta["updated_at"] = time.time()
         now = time.monotonic()
         # Epoch updates can be frequent; write at most twice a second unless a stage changes.
@@ -238,8 +254,8 @@ class ProjectData:
 
 
 def _from_events(redis, project: str, upto: str | None, settings: Settings) -> ProjectData:
-    state = reconcile(read_events(redis, project, settings, upto=upto)) if upto else {
-        "annotations": {}, "task_data": {}, "label_config": None, "deleted_tasks": set()}
+    # The snapshot earlier trainings folded the stream into, plus the events up to `upto`.
+    state = read_state(redis, project, settings, upto=upto, with_events=upto is not None)
     known = task_data(redis, project, settings)
     known.update(state["task_data"])
     by_task: dict[int, list[dict]] = {}
@@ -577,6 +593,12 @@ def _train_locked(job, redis, project, reason, force, settings, progress, lock, 
     claimed, upto = claim_pending(redis, project, job.id, settings)
     progress("collect", claimed=claimed, events_upto=upto)
     data = collect(redis, project, upto, settings)
+    if settings.redis.compact_after_training and upto:
+        # Lossless: the folded events become the snapshot the next training starts from.
+        try:
+            progress(compacted=compact_events(redis, project, upto, settings))
+        except Exception as exc:  # noqa: BLE001 - the stream stays complete; compacted next time
+            log.warning("project %s: could not fold the event stream (%s)", project, exc)
     summary = data.summary()
     progress(tasks=summary["tasks"], annotations=summary["annotations"], source=data.source)
     store = ModelStore.from_settings(settings, redis)
@@ -625,6 +647,7 @@ def _train_locked(job, redis, project, reason, force, settings, progress, lock, 
         "duration_s": round(time.time() - started, 3),
         "peak_rss_mb": round(_peak_rss_mb(), 1),
     }
+    out = plain(out)
     progress("done", version=published.version, promoted=published.promoted, gate=published.reason,
              duration_s=out["duration_s"], peak_rss_mb=out["peak_rss_mb"], finished_at=time.time())
     return out

@@ -10,6 +10,8 @@
   dies takes nothing else with it. On the CPU the parent loads the backbone once before
   forking, and every job shares it; CUDA must not be initialised before a fork, so with CUDA
   each job loads the backbone itself.
+- Jobs are read with RQ's JSON serializer (:func:`backend.events.job_serializer`), never
+  unpickled: a job planted in Redis cannot run code here.
 - :func:`local_stack` is the one-machine setup behind ``semlabel serve --with-worker``: a
   Redis (``REDIS_URL``, a local one, or an embedded valkey-server with append-only
   persistence) and a worker subprocess, both stopped on exit.
@@ -104,7 +106,7 @@ def run_worker(
 ) -> bool:
     """Run an RQ worker until stopped (SIGTERM/SIGINT: warm shutdown) or, with ``burst``,
     until the queues are empty. Returns whether it did any job."""
-    from rq import Queue
+    from backend.events import job_serializer, queue
 
     SemlabelWorker = _semlabel_worker_class()
     settings = settings or get_settings()
@@ -133,9 +135,11 @@ def run_worker(
         torch.set_num_threads(1)
         jobs.preload(settings)
     worker = SemlabelWorker(
-        [Queue(n, connection=connection) for n in names],
+        [queue(connection, n) for n in names],
         connection=connection,
         name=name,
+        # Jobs are JSON (arguments, meta, results): nothing read from Redis is ever unpickled.
+        serializer=job_serializer(),
         job_monitoring_interval=settings.worker.job_monitoring_interval_s,
         maintenance_interval=settings.worker.maintenance_interval_s,
         # An idle RQ worker blocks on the queues for worker_ttl − 15 s between heartbeats
@@ -151,12 +155,14 @@ def healthy_workers(settings: Settings | None = None, hostname: str | None = Non
     current (for container health checks)."""
     import socket
 
-    from rq import Queue, Worker
+    from rq import Worker
+
+    from backend.events import queue as _queue
 
     settings = settings or get_settings()
     connection = redis_client(settings)
     hostname = hostname or socket.gethostname()
-    queue = Queue(settings.worker.queues.train, connection=connection)
+    queue = _queue(connection, settings.worker.queues.train)
     # A busy worker beats every job_monitoring_interval_s, an idle one every
     # maintenance_interval_s (its worker_ttl − 15, see run_worker).
     limit = max(settings.worker.job_monitoring_interval_s, settings.worker.maintenance_interval_s) + 90

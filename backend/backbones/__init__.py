@@ -27,7 +27,7 @@ def create_backbone(settings=None, kind: str | None = None, text_cache=None) -> 
     cfg = settings.backbone
     kind = kind or cfg.kind
     if text_cache is None:
-        text_cache = TextEmbeddingCache(settings.text_cache_path)
+        text_cache = TextEmbeddingCache(settings.text_cache_path, settings.limits.text_cache_max_rows)
 
     if kind in ("open_clip", "auto"):
         from .openclip import OpenClipBackbone

@@ -18,8 +18,10 @@ Routes (JSON unless said otherwise):
 ``POST /train``   ``{"project": N}`` → a training job on the RQ ``gpu`` queue (201 ``{"job": id}``).
 ``GET /metrics``  Prometheus text.
 
-Basic auth (``BASIC_AUTH_USER``/``BASIC_AUTH_PASS``) guards every route but ``/health``,
-``/webhook`` included (see :mod:`.webhooks` for how Label Studio's webhook gets the header).
+Basic auth (``BASIC_AUTH_USER``/``BASIC_AUTH_PASS``, both or neither) or the URL secret
+(``auth.url_secret``: the model connected as ``http://host:9090/<secret>``) guards every route
+but ``/health``, ``/webhook`` included (see :mod:`.webhooks` for how Label Studio's webhook gets
+the header). Before any route: :class:`.guard.RequestGuard` (body limit, URL secret).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import hmac
 import logging
 import threading
 import time
+import uuid
 from collections import OrderedDict
 
 import redis as _redis
@@ -37,9 +40,11 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from ..errors import ConfigError, InvalidWebhook, RedisUnavailable
-from . import metrics
+from . import guard, metrics
+from .connection import label_studio_allowed
 from .service import _AUTO, BackendService, NotReady, check_config, project_key
-from .webhooks import WebhookAuth, count, handle_webhook
+from ..spool import SpoolFull
+from .webhooks import WebhookAuth, count, handle_webhook, webhook_action
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +52,66 @@ OPEN_PATHS = {"/health", "/"}
 
 
 def _error(message: str, status: int, **extra):
-    body = {"error": message, **extra}
+    body = {"error": guard.clip(message, 400), **extra}
     return jsonify(body), status
 
 
-def _json_body():
-    """The request's JSON object, or a (response, status) for a 400."""
-    data = request.get_json(silent=True, force=True)
-    if data is None:
-        raw = request.get_data(cache=True)
-        reason = "empty body" if not raw else "body is not valid JSON"
-        return None, _error(f"{reason}; expected a JSON object", 400)
+def _json_body(max_depth: int, optional: bool = False):
+    """The request's JSON object, or a (response, status) for a 400. ``optional``: an empty
+    or non-object body is an empty object (``/versions``, ``/train``)."""
+    raw = request.get_data(cache=True)
+    if optional and not raw.strip():
+        return {}, None
+    try:
+        data = guard.parse_json(raw, max_depth)
+    except guard.BadRequest as exc:
+        return None, _error(exc.reason, exc.status)
     if not isinstance(data, dict):
+        if optional:
+            return {}, None
         return None, _error(f"expected a JSON object, got {type(data).__name__}", 400)
     return data, None
+
+
+def _check_auth_settings(settings) -> None:
+    """Half-set credentials are an error, not silently no authentication."""
+    user, password = settings.basic_auth_user, settings.basic_auth_pass
+    if bool(user) != bool(password):
+        given, missing = ("BASIC_AUTH_USER", "BASIC_AUTH_PASS") if user else ("BASIC_AUTH_PASS", "BASIC_AUTH_USER")
+        raise ConfigError(f"{given} is set but {missing} is not: set both (basic auth on) or neither")
+
+
+def auth_configured(settings) -> bool:
+    """Whether requests must authenticate (basic auth or the URL secret)."""
+    _check_auth_settings(settings)
+    return bool(settings.basic_auth_user and settings.basic_auth_pass) or bool(settings.auth.url_secret.strip("/"))
+
+
+_METHODS = {"GET", "POST", "HEAD", "OPTIONS", "PUT", "PATCH", "DELETE"}
+
+
+def checked_config(service, xml):
+    """The parsed label config, within ``limits`` (its size before parsing; then its number
+    of labels and their length); ConfigError (a 400) otherwise."""
+    limits = service.settings.limits
+    if isinstance(xml, str):
+        if len(xml) > limits.max_label_config_chars:
+            raise ConfigError(f"label config of {len(xml)} characters, over "
+                              f"limits.max_label_config_chars={limits.max_label_config_chars}")
+        head = xml[:4096].upper()
+        if "<!DOCTYPE" in head or "<!ENTITY" in xml.upper():
+            raise ConfigError("a label config with a DTD or entities is not accepted")
+    config = check_config(service, xml)
+    for b in config.bindings:
+        if len(b.labels) > limits.max_labels:
+            raise ConfigError(f"<Choices name={guard.clip(b.control, 40)!r}> has {len(b.labels)} choices, over "
+                              f"limits.max_labels={limits.max_labels}")
+        for label in b.labels:
+            for text in (label.name, *label.texts):
+                if len(text) > limits.max_label_chars:
+                    raise ConfigError(f"a choice of {len(text)} characters ({guard.clip(text, 40)}), over "
+                                      f"limits.max_label_chars={limits.max_label_chars}")
+    return config
 
 
 class _Models:
@@ -75,7 +126,7 @@ class _Models:
     def get(self, project, xml: str):
         from .model import SemlabelModel
 
-        config = check_config(self.service, xml)  # ConfigError before anything is built
+        config = checked_config(self.service, xml)  # ConfigError before anything is built
         key = (project, config.digest)
         with self._lock:
             model = self._items.get(key)
@@ -96,23 +147,35 @@ def create_app(settings=None, *, runtime=None, redis=_AUTO, served=None, backgro
 
     With no ``runtime``/``served`` given, the backbone loads in a background thread (``/health``
     says 503 until it is ready); pass ``background=False`` to load before returning."""
+    from ..settings import get_settings
+
+    guard.install_safe_log_records()
+    auth_enabled = auth_configured(settings or get_settings())  # before anything loads
     service = BackendService(settings, runtime=runtime, redis=redis, served=served, background=background,
                              start_threads=start_threads)
     settings = service.settings
-    app = Flask("semlabel")
+    limits = settings.limits
+    guard.refused.interval_s = settings.auth.refused_log_interval_s
+    app = Flask("semlabel", static_folder=None)  # no static files: no file serving at all
     app.config["JSON_SORT_KEYS"] = False
-    app.config["MAX_CONTENT_LENGTH"] = int(settings.backend.max_request_mb * 2**20)
+    max_body = int(limits.max_request_mb * 2**20)
+    app.config["MAX_CONTENT_LENGTH"] = max_body
+    app.wsgi_app = guard.RequestGuard(app.wsgi_app, max_body, settings.auth.url_secret)
     app.extensions["semlabel"] = service
     models = _Models(service)
     user, password = settings.basic_auth_user, settings.basic_auth_pass
-    auth_enabled = bool(user) and bool(password)
     expected = None
     webhook_auth = None
-    if auth_enabled:
+    if user and password:
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
         expected = f"Basic {token}"
         webhook_auth = WebhookAuth(expected)
         app.extensions["semlabel_webhook_auth"] = webhook_auth
+    if not auth_enabled:
+        log.warning("authentication is OFF: anyone who can reach this port can send prediction requests "
+                    "and webhooks (training data). Set BASIC_AUTH_USER and BASIC_AUTH_PASS, or "
+                    "SEMLABEL_AUTH__URL_SECRET")
+    _clean_downloads(settings)
     if start_threads:
         atexit.register(service.close)
 
@@ -120,18 +183,19 @@ def create_app(settings=None, *, runtime=None, redis=_AUTO, served=None, backgro
     @app.before_request
     def _start():
         g.t0 = time.perf_counter()
-        if not auth_enabled or request.path in OPEN_PATHS:
+        if not auth_enabled or request.path in OPEN_PATHS or request.environ.get(guard.URL_SECRET_OK):
             return None
         given = request.headers.get("Authorization", "")
-        if hmac.compare_digest(given.encode(), expected.encode()):
+        if expected is not None and hmac.compare_digest(given.encode(), expected.encode()):
             return None
         if request.path.rstrip("/") == "/webhook":
             count("?", "unauthorized")
-            log.warning("refused a webhook without this backend's basic-auth credentials (from %s)",
-                        request.remote_addr)
+            guard.refused.warn("webhook", "refused a webhook without this backend's credentials (from %s)",
+                               request.remote_addr)
         else:
-            log.warning("refused %s %s: missing or wrong basic-auth credentials", request.method, request.path)
-        resp = jsonify({"error": "authentication required (basic auth)"})
+            guard.refused.warn("auth", "refused %s %s: missing or wrong credentials",
+                               guard.clip(request.method, 10), guard.clip(request.path, 80))
+        resp = jsonify({"error": "authentication required (basic auth or the URL secret)"})
         resp.status_code = 401
         resp.headers["WWW-Authenticate"] = 'Basic realm="semlabel"'
         return resp
@@ -139,7 +203,8 @@ def create_app(settings=None, *, runtime=None, redis=_AUTO, served=None, backgro
     @app.after_request
     def _observe(response):
         rule = request.url_rule.rule if request.url_rule is not None else "other"
-        metrics.REQUESTS.labels(rule, request.method, str(response.status_code)).inc()
+        method = request.method if request.method in _METHODS else "other"
+        metrics.REQUESTS.labels(rule, method, str(response.status_code)).inc()
         metrics.LATENCY.labels(rule).observe(time.perf_counter() - g.get("t0", time.perf_counter()))
         return response
 
@@ -149,15 +214,17 @@ def create_app(settings=None, *, runtime=None, redis=_AUTO, served=None, backgro
 
     @app.errorhandler(Exception)
     def _unexpected(exc):
-        log.exception("%s %s failed", request.method, request.path)
-        return _error(f"{type(exc).__name__}: {str(exc)[:300]}", 500)
+        # The traceback goes to the log, never into the response (it names files, hosts, values).
+        ref = uuid.uuid4().hex[:12]
+        log.exception("%s %s failed (error %s)", request.method, guard.clip(request.path, 80), ref)
+        return _error(f"internal error {ref} (details in the backend's log)", 500)
 
     # -- routes ------------------------------------------------------------------------
     @app.route("/", methods=["GET"])
     @app.route("/health", methods=["GET"])
     def health():
         if service.load_error:
-            return jsonify({"status": "ERROR", "ready": False, "error": service.load_error}), 503
+            return jsonify({"status": "ERROR", "ready": False, "error": guard.clip(service.load_error, 300)}), 503
         if not service.ready:
             return jsonify({
                 "status": "LOADING", "ready": False, "model_class": "SemlabelModel",
@@ -180,7 +247,7 @@ def create_app(settings=None, *, runtime=None, redis=_AUTO, served=None, backgro
 
     @app.route("/setup", methods=["POST"])
     def setup():
-        data, bad = _json_body()
+        data, bad = _json_body(limits.max_json_depth)
         if bad:
             return bad
         project = project_key(data.get("project"))
@@ -191,15 +258,25 @@ def create_app(settings=None, *, runtime=None, redis=_AUTO, served=None, backgro
             return _error(str(exc), 503)
         if schema:
             try:
-                service.project_config(schema)
+                checked_config(service, schema)
             except ConfigError as exc:
                 log.warning("/setup for project %s refused: %s", project, exc)
                 return _error(str(exc), 400)
         hostname = data.get("hostname")
         if hostname and not (isinstance(hostname, str) and hostname.strip().startswith(("http://", "https://"))):
-            log.warning("/setup for project %s refused: hostname %r is not an http(s) URL", project, hostname)
-            return _error(f"'hostname' must be Label Studio's http(s) URL, got {hostname!r}", 400)
-        service.remember_setup(project, hostname, data.get("access_token"))
+            log.warning("/setup for project %s refused: hostname %s is not an http(s) URL", project,
+                        guard.clip(repr(hostname), 120))
+            return _error(f"'hostname' must be Label Studio's http(s) URL, got {guard.clip(repr(hostname), 80)}", 400)
+        token = data.get("access_token")
+        if hostname and not label_studio_allowed(settings, hostname):
+            # Only the operator names the Label Studio a token may be sent to: a /setup naming
+            # another address is answered (Label Studio needs the model version) but its
+            # address and token are never used.
+            guard.refused.warn("setup-host", "/setup for project %s: ignoring Label Studio address %s "
+                               "(not LABEL_STUDIO_URL nor in auth.allowed_label_studio_urls)",
+                               project, guard.clip(hostname, 120))
+            hostname = token = None
+        service.remember_setup(project, hostname, token)
         version = service.predictor(project).version
         if webhook_auth is not None:
             webhook_auth.ensure(project, service.connection(project), request.host)
@@ -207,7 +284,7 @@ def create_app(settings=None, *, runtime=None, redis=_AUTO, served=None, backgro
 
     @app.route("/predict", methods=["POST"])
     def predict():
-        data, bad = _json_body()
+        data, bad = _json_body(limits.max_json_depth)
         if bad:
             return bad
         tasks = data.get("tasks")
@@ -217,6 +294,8 @@ def create_app(settings=None, *, runtime=None, redis=_AUTO, served=None, backgro
             return _error(f"'tasks' must be a list, got {type(tasks).__name__}", 400)
         if not tasks:
             return _error("'tasks' is empty", 400)
+        if len(tasks) > limits.max_tasks:
+            return _error(f"{len(tasks)} tasks in one request, over limits.max_tasks={limits.max_tasks}", 413)
         project = project_key(data.get("project"))
         xml = data.get("label_config") or data.get("schema")
         params = data.get("params") if isinstance(data.get("params"), dict) else {}
@@ -241,25 +320,31 @@ def create_app(settings=None, *, runtime=None, redis=_AUTO, served=None, backgro
 
     @app.route("/webhook", methods=["POST"])
     def webhook():
-        payload = request.get_json(silent=True, force=True)
-        action = str(payload.get("action") or "?").upper() if isinstance(payload, dict) else "?"
+        try:
+            payload = guard.parse_json(request.get_data(cache=True), limits.max_json_depth)
+        except guard.BadRequest as exc:
+            count("other", "invalid")
+            guard.refused.warn("webhook-invalid", "webhook refused: %s", exc.reason)
+            return _error(exc.reason if "deeper" in exc.reason else "payload is not a JSON object", exc.status)
+        action = webhook_action(payload)
         try:
             out = handle_webhook(service, payload)
         except InvalidWebhook as exc:
             count(action, "invalid")
-            log.warning("webhook %s refused: %s", action, exc.reason)
+            guard.refused.warn("webhook-invalid", "webhook %s refused: %s", action, exc.reason)
             return _error(exc.reason, 400)
-        except (RedisUnavailable, _redis.RedisError) as exc:
+        except (RedisUnavailable, _redis.RedisError, SpoolFull) as exc:
             count(action, "unavailable")
             log.error("webhook %s not stored: %s", action, exc)
-            return _error(f"event log unavailable: {exc}", 503)
-        count(action, "ignored" if out.get("ignored") else "stored")
-        return jsonify(out), 200 if out.get("ignored") else 201
+            return _error("event log unavailable: Redis does not answer and the spool is full", 503)
+        count(action, "ignored" if out.get("ignored") else "spooled" if out.get("spooled") else "stored")
+        return jsonify(out), 200 if out.get("ignored") else 202 if out.get("spooled") else 201
 
     @app.route("/versions", methods=["GET", "POST"])
     def versions():
-        data = request.get_json(silent=True, force=True) if request.method == "POST" else None
-        data = data if isinstance(data, dict) else {}  # Label Studio sends nothing or an object
+        data, bad = _json_body(limits.max_json_depth, optional=True) if request.method == "POST" else ({}, None)
+        if bad:  # Label Studio sends nothing or an object
+            return bad
         project = project_key(request.args.get("project") or data.get("project"))
         if not service.ready:
             return _error("the model is still loading", 503)
@@ -271,9 +356,9 @@ def create_app(settings=None, *, runtime=None, redis=_AUTO, served=None, backgro
     def train():
         from ..events import request_training
 
-        data = request.get_json(silent=True, force=True) or {}
-        if not isinstance(data, dict):
-            return _error("expected a JSON object", 400)
+        data, bad = _json_body(limits.max_json_depth, optional=True)
+        if bad:
+            return bad
         project = project_key(data.get("project") or request.args.get("project"))
         if project is None:
             return _error("no project id ('project' in the body or the query)", 400)
@@ -283,7 +368,8 @@ def create_app(settings=None, *, runtime=None, redis=_AUTO, served=None, backgro
         try:
             info = request_training(redis, project, settings, reason="POST /train")
         except _redis.RedisError as exc:
-            return _error(f"event log unavailable: {exc}", 503)
+            log.error("POST /train for project %s not queued: %s", project, exc)
+            return _error("event log unavailable: Redis does not answer", 503)
         return jsonify({"job": info.get("job_id"), **info}), 201
 
     @app.route("/metrics", methods=["GET"])
@@ -292,6 +378,19 @@ def create_app(settings=None, *, runtime=None, redis=_AUTO, served=None, backgro
         return Response(body, content_type=content_type)
 
     return app
+
+
+def _clean_downloads(settings) -> None:
+    """Downloads live in memory; ``<data_dir>/downloads`` only ever holds per-request temporary
+    directories, and those a killed process left behind are removed at start."""
+    import shutil
+
+    root = settings.data_path / "downloads"
+    if not root.is_dir():
+        return
+    for entry in root.iterdir():
+        if time.time() - entry.stat().st_mtime > 3600:
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
 
 def _remember_tasks(service, project, tasks) -> None:

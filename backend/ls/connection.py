@@ -7,8 +7,53 @@ tokens (sent as ``Bearer <access>``) and refreshes when they expire.
 
 from __future__ import annotations
 
+import fnmatch
 import threading
 from functools import cached_property
+from urllib.parse import urlsplit
+
+
+def normalise_url(url: str) -> str | None:
+    """``scheme://host:port`` of an http(s) URL (lower case, default ports written out), or
+    None for anything else. What the allow-list patterns are matched against."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except (ValueError, AttributeError):
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
+        return None
+    port = port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.scheme}://{parts.hostname.lower()}:{port}"
+
+
+def label_studio_allowed(settings, url: str | None) -> bool:
+    """Whether the operator lets semlabel talk to (and send a token to) the Label Studio at
+    ``url``: ``LABEL_STUDIO_URL`` itself, or one of ``auth.allowed_label_studio_urls``."""
+    target = normalise_url(url) if isinstance(url, str) else None
+    if target is None:
+        return False
+    if settings.label_studio_url:
+        return normalise_url(settings.label_studio_url) == target
+    return any(fnmatch.fnmatchcase(target, pattern.strip().lower().rstrip("/"))
+               for pattern in settings.auth.allowed_label_studio_urls)
+
+
+def choose_label_studio(settings, setup: tuple[str | None, str | None] | None) -> tuple[str | None, str | None]:
+    """The (URL, token) to use for a project, given what its ``/setup`` said.
+
+    The URL is the operator's: ``LABEL_STUDIO_URL``, else the ``/setup`` address when it is
+    in ``auth.allowed_label_studio_urls``, else none (no Label Studio is contacted). The token
+    is ``LABEL_STUDIO_API_KEY``, else the one ``/setup`` sent with that same address; it is
+    only ever sent to the chosen URL."""
+    setup_url, setup_token = setup or (None, None)
+    if setup_url and not label_studio_allowed(settings, setup_url):
+        setup_url = setup_token = None
+    url = settings.label_studio_url or setup_url
+    if not url:
+        return None, None
+    token = settings.label_studio_api_key or setup_token
+    return url, token
 
 
 class LabelStudioConnection:

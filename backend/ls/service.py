@@ -25,10 +25,12 @@ from typing import Any, Mapping, Sequence
 from ..errors import ConfigError, ImageError, RedisUnavailable
 from ..features import Features
 from ..images import ImageLoader
+from ..lsrecord import read_setup, setup_key, setup_record
 from ..settings import Settings, get_settings
+from ..spool import EventRecorder
 from . import metrics, results
 from .config import Binding, ConfigCache, ProjectConfig, TaskDataError
-from .connection import LabelStudioConnection
+from .connection import LabelStudioConnection, choose_label_studio
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,7 @@ class BackendService:
         self._ready = threading.Event()
         self._load_error: str | None = None
         self._compute = threading.Lock()
+        self._embedding = threading.Lock()
         self._spaces: OrderedDict[tuple, Any] = OrderedDict()
         self._spaces_lock = threading.Lock()
         self.configs = ConfigCache(self.cfg.reasons_textarea)
@@ -107,6 +110,9 @@ class BackendService:
         self.loaded_in_s: float | None = None
         self.review = None
         self._start_threads = start_threads
+        # Webhook events and /setup records: to Redis within the webhook's deadline, else to
+        # the disk spool and replayed in order when Redis answers (backend/spool.py).
+        self.events = EventRecorder(self.settings, lambda: self.redis, start=start_threads)
         if self._redis_auto:
             self.redis  # first connection attempt now (logged when none answers)
         if runtime is not None and served is not None:
@@ -131,6 +137,7 @@ class BackendService:
                 self.served = ServedModels(
                     self.store, self.runtime, redis=self.redis,
                     poll_interval_s=self.settings.store.poll_interval_s,
+                    max_projects=self.settings.store.max_watched_projects, idle_s=self.settings.store.watch_idle_s,
                 )
             self.loaded_in_s = round(time.perf_counter() - started, 2)
             self._finish_loading()
@@ -188,6 +195,7 @@ class BackendService:
         return True
 
     def close(self) -> None:
+        self.events.stop()
         if self.review is not None:
             self.review.stop()
         if self.served is not None and hasattr(self.served, "close"):
@@ -296,30 +304,26 @@ class BackendService:
         if self._setup.get(project) == (hostname, token):
             return
         self._setup[project] = (hostname, token)
-        r = self.redis
-        if r is not None:
-            try:
-                r.hset(self.key("ls", project), mapping={"url": hostname or "", "token": token or ""})
-            except Exception as exc:  # noqa: BLE001 - the in-process copy still works
-                log.warning("project %s: could not record the Label Studio host in Redis (%s)", project, exc)
+        try:  # Redis gets a reference to the token, never the token (backend/lsrecord.py)
+            self.events.record_hash(setup_key(project, self.settings), setup_record(hostname, token, self.settings))
+        except Exception as exc:  # noqa: BLE001 - the in-process copy still works
+            log.warning("project %s: could not record the Label Studio host (%s)", project, exc)
 
     def connection(self, project: str | None) -> LabelStudioConnection | None:
         """The Label Studio to fetch images from and store predictions in: ``LABEL_STUDIO_URL`` /
         ``LABEL_STUDIO_API_KEY`` when set, else what ``/setup`` sent for the project."""
         url, token = self.settings.label_studio_url, self.settings.label_studio_api_key
+        setup = None
         if (not url or not token) and project is not None:
             setup = self._setup.get(project)
             if setup is None and self.redis is not None:
                 try:
-                    raw = self.redis.hgetall(self.key("ls", project))
+                    setup = read_setup(self.redis, project, self.settings)
                 except Exception:  # noqa: BLE001
-                    raw = {}
-                if raw:
-                    setup = (raw.get(b"url", b"").decode() or None, raw.get(b"token", b"").decode() or None)
+                    setup = None
+                if setup is not None:
                     self._setup[project] = setup
-            if setup is not None:
-                url = url or setup[0]
-                token = token or setup[1]
+        url, token = choose_label_studio(self.settings, setup)  # the operator's address only
         if not url:
             return None
         with self._conn_lock:
@@ -579,7 +583,9 @@ class BackendService:
             cached = key in self._spaces
         if cached:
             return self.label_space(binding)
-        with self._compute:  # the text encoder runs for new labels only
+        # The text encoder runs for new labels only, under its own lock: one new label set
+        # at a time, while image requests keep the compute lock.
+        with self._embedding:
             return self.label_space(binding)
 
     def review_prediction(self, project: str, xml: str, task: Mapping, annotation: Mapping) -> dict | None:

@@ -1,9 +1,11 @@
 """Label Studio webhooks: persist, queue review jobs, and keep the webhook authenticated.
 
-:func:`handle_webhook` is the whole of ``POST /webhook``: the event goes to Redis through
-:func:`backend.events.record_webhook` (validated, persisted and debounced into a training job on
-the RQ ``gpu`` queue before it returns, ~2 ms), then annotation events add review jobs
-(:mod:`.review`). Label Studio waits one second for the answer; nothing here waits on a model.
+:func:`handle_webhook` is the whole of ``POST /webhook``: the event and its review jobs
+(:mod:`.review`) go to Redis through :func:`backend.events.record_webhook` (validated,
+persisted and debounced into a training job on the RQ ``gpu`` queue before it returns, ~2 ms)
+— or, when Redis does not answer within ``redis.webhook_timeout_s``, into the disk spool of
+:mod:`backend.spool`, replayed in order when it answers. Label Studio waits one second for the
+answer; nothing here waits on a model or on a Redis that is away.
 
 Basic auth and webhooks: Label Studio sends its webhooks **without** the ML backend's
 credentials (only ``START_TRAINING`` carries them). semlabel does not exempt ``/webhook`` from
@@ -16,13 +18,14 @@ connected, before any annotation can be sent).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import time
 from typing import Any, Mapping
 from urllib.parse import urlparse
 
-from ..errors import InvalidWebhook, RedisUnavailable
+from ..errors import InvalidWebhook
 from . import metrics
 from .review import jobs_for_webhook
 
@@ -30,34 +33,30 @@ log = logging.getLogger(__name__)
 
 
 def handle_webhook(service, payload: Any) -> dict:
-    """Record one webhook payload. Raises :class:`InvalidWebhook` (nothing stored),
-    :class:`RedisUnavailable` or ``redis.RedisError`` (nothing stored)."""
-    from ..events import parse_webhook, record_webhook
+    """Record one webhook payload (validated, then in Redis — or, when Redis does not answer
+    within ``redis.webhook_timeout_s``, in the disk spool: ``spooled``, replayed in order
+    later) together with its review jobs, in one transaction. Raises :class:`InvalidWebhook`
+    or :class:`~backend.spool.SpoolFull` (nothing stored)."""
+    from ..events import parse_webhook
 
     if not isinstance(payload, Mapping):
         raise InvalidWebhook("payload is not a JSON object")
+    _check_project_id(payload)
     action = str(payload.get("action") or "").strip().upper() or "?"
-    redis = service.redis
-    if redis is None:
-        parse_webhook(dict(payload))  # a malformed payload is a 400 even without Redis
-        raise RedisUnavailable("no Redis answers; the event cannot be stored")
-    result = record_webhook(redis, dict(payload), service.settings)
+    parsed = parse_webhook(dict(payload), service.settings)
+    jobs, also = [], []
+    if service.cfg.review.enabled and parsed.project is not None:
+        jobs = jobs_for_webhook(payload, parsed.project)
+        now = f"{time.time():.6f}"
+        also = [(service.key("review"), {"job": json.dumps(job, separators=(",", ":"), default=str), "ts": now})
+                for job in jobs]
+    result = service.events.record(parsed, also=also)
     out = result.to_dict()
     if result.ignored:
         return out
-    jobs = []
-    if service.cfg.review.enabled and result.project is not None:
-        jobs = jobs_for_webhook(payload, result.project)
-    if jobs:
-        from .review import ReviewQueue
-
-        queue = service.review or ReviewQueue(service)
-        try:
-            out["review_jobs"] = queue.push(redis, jobs)
-        except Exception as exc:  # noqa: BLE001 - the event itself is stored; say so
-            log.error("project %s: review job not queued (%s); `semlabel suggest` can redo it",
-                      result.project, exc)
-            out["review_jobs"] = []
+    queued = result.stored > 0 or not parsed.events  # duplicates queue no review job again
+    out["review_jobs"] = [{"kind": j["kind"], "annotation": (j.get("annotation") or {}).get("id"),
+                           "annotation_ids": j.get("annotation_ids")} for j in jobs] if queued else []
     if result.training and action == "START_TRAINING":
         out["job"] = result.training.get("job_id")  # Label Studio records it as the train job
     return out
@@ -128,8 +127,12 @@ class WebhookAuth:
         import requests
 
         headers = conn.auth_headers()
-        resp = requests.get(f"{conn.url}/api/webhooks", params={"project": project}, headers=headers, timeout=5)
+        # No redirects: the token goes to Label Studio's address only.
+        resp = requests.get(f"{conn.url}/api/webhooks", params={"project": project}, headers=headers, timeout=5,
+                            allow_redirects=False)
         resp.raise_for_status()
+        if resp.status_code != 200:
+            raise RuntimeError(f"GET /api/webhooks answered {resp.status_code}")
         found = False
         for hook in resp.json():
             url = urlparse(str(hook.get("url", "")))
@@ -140,13 +143,51 @@ class WebhookAuth:
             if current.get("Authorization") == self.header:
                 continue
             current["Authorization"] = self.header
-            r = requests.patch(f"{conn.url}/api/webhooks/{hook['id']}", json={"headers": current},
-                               headers=headers, timeout=5)
+            r = requests.patch(f"{conn.url}/api/webhooks/{int(hook['id'])}", json={"headers": current},
+                               headers=headers, timeout=5, allow_redirects=False)
             r.raise_for_status()
             log.warning("project %s: Label Studio webhook %s now sends this backend's basic-auth header",
                         project, hook["id"])
         return found
 
 
+#: Label Studio 1.23's webhook actions. Any other value is counted as "other", so the
+#: Prometheus label values stay a fixed, small set whatever a caller sends.
+KNOWN_ACTIONS = frozenset({
+    "PROJECT_CREATED", "PROJECT_UPDATED", "PROJECT_DELETED", "TASKS_CREATED", "TASKS_DELETED",
+    "ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED",
+    "LABEL_LINK_CREATED", "LABEL_LINK_UPDATED", "LABEL_LINK_DELETED", "START_TRAINING",
+    "REVIEW_CREATED", "REVIEW_UPDATED", "REVIEWS_DELETED",
+})
+
+
+def webhook_action(payload: Any) -> str:
+    """The payload's action as a metric label: a known action, ``"?"`` (none) or ``"other"``."""
+    if not isinstance(payload, Mapping) or not payload.get("action"):
+        return "?"
+    action = str(payload.get("action"))[:64].strip().upper()
+    return action if action in KNOWN_ACTIONS else "other"
+
+
+def _check_project_id(payload: Mapping) -> None:
+    """A project id, wherever the payload carries one, is a positive integer."""
+    holders = [payload.get("project")]
+    for name in ("annotation", "task"):
+        obj = payload.get(name)
+        if isinstance(obj, Mapping):
+            holders.append(obj.get("project"))
+    for value in holders:
+        if isinstance(value, Mapping):
+            value = value.get("id")
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise InvalidWebhook("project id must be a positive integer")
+        text = str(value).strip()
+        if not text.isdigit() or int(text) <= 0 or len(text) > 18:
+            raise InvalidWebhook(f"project id must be a positive integer, got {text[:20]!r}")
+
+
 def count(action: str, outcome: str) -> None:
-    metrics.WEBHOOKS.labels(action or "?", outcome).inc()
+    action = action if action in KNOWN_ACTIONS or action == "?" else "other"
+    metrics.WEBHOOKS.labels(action, outcome).inc()

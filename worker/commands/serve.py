@@ -1,4 +1,4 @@
-"""``semlabel serve``, ``semlabel suggest`` and ``semlabel bench-api``."""
+"""``semlabel serve``, ``semlabel suggest``, ``semlabel bench-api`` and ``semlabel bench-attack``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ def register(main: click.Group) -> None:
     main.add_command(serve)
     main.add_command(suggest)
     main.add_command(bench_api)
+    main.add_command(bench_attack)
 
 
 # ----------------------------------------------------------------------------------- serve
@@ -33,9 +34,29 @@ def register(main: click.Group) -> None:
 @click.option("--with-worker", is_flag=True,
               help="Also run Redis (embedded if none answers) and a training worker on this machine.")
 @click.option("--access-log", is_flag=True, help="Log every request.")
-def serve(host, port, workers, threads, timeout, with_worker, access_log) -> None:
+@click.option("--insecure", is_flag=True,
+              help="Serve on a non-loopback address without credentials (anyone who reaches the port "
+                   "can send webhooks that become training data).")
+def serve(host, port, workers, threads, timeout, with_worker, access_log, insecure) -> None:
     """Serve the Label Studio ML backend (connect it in Label Studio: Settings → Model)."""
-    from backend.ls.server import run_gunicorn
+    from backend.errors import ConfigError
+    from backend.ls.app import auth_configured
+    from backend.ls.server import is_loopback, run_gunicorn
+    from backend.settings import get_settings
+
+    try:
+        secured = auth_configured(get_settings())
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    if not secured and not is_loopback(host):
+        if not insecure:
+            raise click.UsageError(
+                f"refusing to serve on {host} without credentials: anyone who can reach that address "
+                "could send forged annotation webhooks (training data) and /setup requests. Set "
+                "BASIC_AUTH_USER and BASIC_AUTH_PASS (Label Studio: the model's basic-auth fields) or "
+                "SEMLABEL_AUTH__URL_SECRET (connect the model as http://host:port/<secret>), serve on "
+                "127.0.0.1, or pass --insecure if the network is trusted.")
+        click.echo(f"semlabel: WARNING: serving on {host} WITHOUT authentication (--insecure)", err=True)
 
     def factory():
         from backend.ls.app import create_app
@@ -291,3 +312,114 @@ def bench_api(out_dir: Path, runs: int, batch: int, server_args: str, project: i
     (out_dir / "api-bench.md").write_text("\n".join(lines) + "\n")
     click.echo((out_dir / "api-bench.md").read_text())
     click.echo(f"report: {out_dir / 'api-bench.json'}", err=True)
+
+
+# ---------------------------------------------------------------------------- bench-attack
+def _percentile(values, q: float) -> float:
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4)
+
+
+@click.command("bench-attack")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-out"), show_default=True)
+@click.option("--labels", "n_labels", type=int, default=5000, show_default=True,
+              help="Choices of the large label config (new, never embedded before).")
+@click.option("--concurrent", type=int, default=50, show_default=True, help="Small /predict requests at once.")
+@click.option("--waves", type=int, default=3, show_default=True,
+              help="Waves of concurrent small requests while the large config is being embedded.")
+@click.option("--server-args", default="--threads 8", show_default=True, help="Arguments for `semlabel serve`.")
+def bench_attack(out_dir: Path, n_labels: int, concurrent: int, waves: int, server_args: str) -> None:
+    """Small /predict requests while a large new label config is being embedded.
+
+    Starts `semlabel serve`, warms a 10-label config and a few images, then sends one /predict
+    with an N-label config nobody has embedded yet and, while it runs, waves of CONCURRENT
+    one-task requests with the small config. Writes attack-bench.json / .md to --out with the
+    small requests' latency percentiles, before and during the embedding."""
+    import platform
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    from backend.ls.server import ServerProcess
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = (out_dir / "images").resolve()
+    images.mkdir(exist_ok=True)
+    salt = uuid.uuid4().hex[:8]
+    small_images = _variants(_base_photos(), 4, images, salt + "a")
+    small = BENCH_CONFIG.format(choices="\n    ".join(f'<Choice value="{n}"/>' for n in BENCH_LABELS))
+    large = BENCH_CONFIG.format(choices="\n    ".join(f'<Choice value="item {salt} {i}"/>' for i in range(n_labels)))
+    env = {"SEMLABEL_IMAGES__LOCAL_ROOTS": json.dumps([str(images)]), "SEMLABEL_BACKEND__REVIEW__ENABLED": "false",
+           "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    server = ServerProcess(env=env, args=tuple(server_args.split()), log_path=out_dir / "attack-server.log")
+    click.echo(f"starting semlabel serve on {server.url} ...", err=True)
+    server.start()
+
+    def predict(path: str, cfg: str, timeout: float = 60) -> tuple[float, int]:
+        body = {"tasks": [{"id": 1, "data": {"image": path}}], "label_config": cfg}
+        t0 = time.perf_counter()
+        resp = requests.post(server.url + "/predict", json=body, timeout=timeout)
+        return time.perf_counter() - t0, resp.status_code
+
+    def wave(pool) -> list[tuple[float, int]]:
+        jobs = [pool.submit(predict, small_images[i % len(small_images)], small) for i in range(concurrent)]
+        return [j.result() for j in jobs]
+
+    try:
+        for path in small_images:
+            predict(path, small)  # labels embedded, features cached: the small requests are warm
+        with ThreadPoolExecutor(max_workers=concurrent + 1) as pool:
+            baseline = wave(pool)
+            t0 = time.perf_counter()
+            large_job = pool.submit(predict, small_images[0], large, 900)
+            time.sleep(1.0)  # the large request is in the server, embedding
+            during, during_flags = [], []
+            for _ in range(waves):
+                results = wave(pool)
+                during += results
+                during_flags.append(not large_job.done())
+            large_s, large_status = large_job.result()
+            large_total = time.perf_counter() - t0
+    finally:
+        server.stop()
+    ok = [t for t, status in during if status == 200]
+    report = {
+        "labels": n_labels,
+        "concurrent": concurrent,
+        "waves": waves,
+        "server_args": server_args,
+        "baseline_small_s": {"p50": _percentile([t for t, _ in baseline], 0.5),
+                             "p95": _percentile([t for t, _ in baseline], 0.95),
+                             "max": round(max(t for t, _ in baseline), 4)},
+        "during_embedding_small_s": {"n": len(during), "ok": len(ok),
+                                     "p50": _percentile([t for t, _ in during], 0.5),
+                                     "p95": _percentile([t for t, _ in during], 0.95),
+                                     "max": round(max(t for t, _ in during), 4)},
+        "large_still_embedding_after_each_wave": during_flags,
+        "large_request_s": round(large_s, 2),
+        "large_request_status": large_status,
+        "large_since_start_s": round(large_total, 2),
+        "p95_under_1s": _percentile([t for t, _ in during], 0.95) < 1.0,
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                    "load_average_1m_at_end": round(os.getloadavg()[0], 2)},
+    }
+    (out_dir / "attack-bench.json").write_text(json.dumps(report, indent=2))
+    d, b = report["during_embedding_small_s"], report["baseline_small_s"]
+    md = [
+        "# Small /predict requests while a large label config is being embedded",
+        "",
+        f"{concurrent} concurrent one-task requests (known 10-label config, cached features), {waves} waves "
+        f"while one request with {n_labels} new labels was being embedded (it took {report['large_request_s']} s, "
+        f"HTTP {large_status}); still embedding after each wave: {during_flags}.",
+        "",
+        "| small requests | p50 (s) | p95 (s) | max (s) |",
+        "|---|---|---|---|",
+        f"| before (nothing embedding) | {b['p50']} | {b['p95']} | {b['max']} |",
+        f"| during the embedding ({d['n']}, {d['ok']} ok) | {d['p50']} | {d['p95']} | {d['max']} |",
+        "",
+        f"Machine: {os.cpu_count()} CPU(s), load average {report['machine']['load_average_1m_at_end']} at the end.",
+    ]
+    (out_dir / "attack-bench.md").write_text("\n".join(md) + "\n")
+    click.echo("\n".join(md))
+    if not all(during_flags):
+        click.echo("note: the large config finished embedding before the last wave; raise --labels", err=True)

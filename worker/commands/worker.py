@@ -1,9 +1,11 @@
-"""``semlabel worker`` and ``semlabel models list|status|promote|rollback|train``."""
+"""``semlabel worker``, ``semlabel models list|status|promote|rollback|train`` and
+``semlabel bench-outage``."""
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+from pathlib import Path
 
 import click
 
@@ -11,6 +13,7 @@ import click
 def register(main: click.Group) -> None:
     main.add_command(worker_command)
     main.add_command(models)
+    main.add_command(bench_outage)
 
 
 # ---------------------------------------------------------------------------------- worker
@@ -162,18 +165,18 @@ def models_status(project, as_json) -> None:
         }
         if redis is not None:
             from rq.exceptions import NoSuchJobError
-            from rq.job import Job
 
-            from backend.events import training_state
+            from backend.events import fetch_job, training_state
 
             state = training_state(redis, name, settings)
             jobs = []
             for job_id in state["jobs"][:10]:
                 try:
-                    jobs.append(_job_summary(Job.fetch(job_id, connection=redis)))
+                    jobs.append(_job_summary(fetch_job(redis, job_id)))
                 except NoSuchJobError:
                     continue
-            entry.update(pending=state["pending"], running=state["running"], events=state["events"], jobs=jobs)
+            entry.update(pending=state["pending"], running=state["running"], events=state["events"],
+                         folded_annotations=state["folded_annotations"], jobs=jobs)
         report[name] = entry
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
@@ -242,3 +245,23 @@ def models_train(project, delay) -> None:
     info = request_training(redis_client(), project, reason="semlabel models train", delay_s=delay)
     state = "joined the pending job" if info["coalesced"] else "queued"
     click.echo(f"project {project}: {state} {info['job_id']} (due in {info['due_in_s']:.0f} s)")
+
+
+# ------------------------------------------------------------------------------ bench-outage
+@click.command("bench-outage")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-out"), show_default=True,
+              help="Directory for outage.json.")
+@click.option("--webhooks", "n", type=int, default=200, show_default=True, help="Annotation webhooks in the burst.")
+@click.option("--rate", type=float, default=5.0, show_default=True, help="Webhooks per second.")
+@click.option("--kill-after", type=int, default=25, show_default=True, help="Kill Redis after this many webhooks.")
+@click.option("--outage", "outage_s", type=float, default=30.0, show_default=True,
+              help="Seconds until Redis is started again.")
+def bench_outage(out_dir, n, rate, kill_after, outage_s) -> None:
+    """Kill Redis during a burst of annotation webhooks; count the annotations that reach the
+    next training (and any lost or stored twice), the answers and their latency."""
+    from worker.bench_outage import run
+
+    report = run(out_dir, n=n, rate=rate, kill_after=kill_after, outage_s=outage_s)
+    click.echo(json.dumps(report, indent=2))
+    if not report["ok"]:
+        raise click.ClickException(f"{report['lost']} annotation(s) lost, {report['stored_twice']} stored twice")
