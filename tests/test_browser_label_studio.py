@@ -49,6 +49,7 @@ def stack(tmp_path_factory, redis_url, session_data_dir):
         "SEMLABEL_BACKBONE__KIND": "packaged",
         "SEMLABEL_BACKEND__PREANNOTATION__THRESHOLD": "0.75",
         "SEMLABEL_BACKEND__REVIEW__RETRY_AFTER_S": "2",
+        "SEMLABEL_AUTH__ALLOWED_LABEL_STUDIO_URLS": '["http://127.0.0.1:*"]',  # /setup's address
     })
     server = ServerProcess(log_path=work / "backend.log")
     server.env = env
