@@ -209,6 +209,8 @@ class PreannotationSettings(_Section):
 class ReviewSettings(_Section):
     enabled: bool = True
     model_version: str = "semlabel-review"
+    live_version: bool = True
+    tab: str = "Likely missing"
     top_k: int = Field(3, ge=1)
     min_probability: float = Field(0.5, ge=0.0, le=1.0)
     max_attempts: int = Field(5, ge=1)

@@ -225,6 +225,32 @@ def start_label_studio(workdir: Path, document_root: Path, log=print) -> LabelSt
     return LabelStudio(exe, data, document_root).launch()
 
 
+def recommended_config(labels) -> str:
+    """The README's recommended label config: smart KeyPoint and Rectangle ("point at what is
+    missing"), multiple-choice labels, the read-only reasons text area."""
+    return (
+        '<View>\n  <Image name="image" value="$image"/>\n'
+        '  <KeyPoint name="point" toName="image" smart="true" smartOnly="true"/>\n'
+        '  <Rectangle name="box" toName="image" smart="true" smartOnly="true"/>\n'
+        '  <Choices name="labels" toName="image" choice="multiple" showInline="true">\n'
+        + "".join(f'    <Choice value="{n}"/>\n' for n in labels)
+        + '  </Choices>\n  <TextArea name="semlabel_reasons" toName="image" editable="false" rows="4"/>\n</View>'
+    )
+
+
+def wait_for(predicate, timeout=30.0, step=0.25, what="condition"):
+    """``predicate()``'s first truthy value, polled every ``step`` s (AssertionError after
+    ``timeout`` s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(step)
+
+
 def start_label_studio_for_test(workdir: Path, document_root: Path, tag: str) -> LabelStudio:
     """:func:`start_label_studio` and wait until it answers. When it cannot be installed or
     started the test is skipped — or fails under CI (``CI`` set), where it must run."""

@@ -25,6 +25,7 @@ import pytest
 import redis as redis_lib
 
 from tests.helpers.photos import PHOTOS, copy_photos
+from tests.label_studio_harness import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -37,18 +38,6 @@ CONFIG = (
 )
 USER, PASSWORD = "label-studio", "b4ckend-s3cret"
 AUTH = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-REVIEW_VERSION = "semlabel-review"
-
-
-def wait_for(predicate, timeout=30.0, step=0.25, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(step)
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +171,8 @@ def test_interactive_annotating_returns_suggestions_with_reasons(stack, project)
 
 
 def _review_preds(ls, task_id):
-    return [p for p in predictions(ls, task=task_id) if p["model_version"] == REVIEW_VERSION]
+    return [p for p in predictions(ls, task=task_id)
+            if any((r.get("meta") or {}).get("kind") == "review" for r in p["result"])]
 
 
 def test_a_submitted_annotation_reaches_the_backend_and_gets_a_review_prediction(stack, project):
@@ -208,13 +198,20 @@ def test_a_submitted_annotation_reaches_the_backend_and_gets_a_review_prediction
     assert all(p >= 0.5 for p in probs) and len(probs) <= 3
     assert pred["score"] == pytest.approx(p_missing(probs), abs=1e-4)
     assert pred["mislabeling"] == pytest.approx(pred["score"], abs=1e-4)
-    # A reviewer selects the review version and sorts the Data Manager by its score.
-    ls.api("PATCH", f"/api/projects/{project.id}", expect=200, json={"model_version": REVIEW_VERSION})
+    # The project uses the backend live: the review prediction carries the project's model
+    # version (the backend's title), so the Data Manager's score column shows P(missing) for
+    # this task, without switching settings; the live pre-annotations have another version.
+    assert pred["model_version"] == "semlabel"
+    assert ls.api("GET", f"/api/projects/{project.id}", expect=200)["model_version"] == "semlabel"
     tasks = ls.api("GET", f"/api/tasks?project={project.id}&fields=all&page_size=100", expect=200)["tasks"]
     dm = {t["id"]: t["predictions_score"] for t in tasks}
     assert dm[task_id] == pytest.approx(pred["score"], abs=1e-4)
     assert all(v is None for k, v in dm.items() if k != task_id)
-    ls.api("PATCH", f"/api/projects/{project.id}", expect=200, json={"model_version": "semlabel"})
+    # ... and the reviewer's tab: annotated tasks, most likely missing first
+    views = ls.api("GET", f"/api/dm/views?project={project.id}", expect=200)
+    tab = next(v for v in views if v["data"]["title"] == "Likely missing")
+    assert tab["data"]["ordering"] == ["-tasks:predictions_score"]
+    assert "tasks:predictions_score" not in tab["data"]["hiddenColumns"]["explore"]
 
 
 def test_an_updated_annotation_replaces_its_review_and_a_deleted_one_removes_it(stack, project):
@@ -233,8 +230,6 @@ def test_an_updated_annotation_replaces_its_review_and_a_deleted_one_removes_it(
     events = [(f[b"action"].decode(), f[b"source"].decode())
               for _, f in stack.redis.xrange(f"semlabel:events:{project.id}")]
     assert events == [("annotation", "ANNOTATION_CREATED"),
-                      ("project_updated", "PROJECT_UPDATED"),  # the reviewer's two project PATCHes
-                      ("project_updated", "PROJECT_UPDATED"),
                       ("annotation", "ANNOTATION_UPDATED"),
                       ("annotation_deleted", "ANNOTATIONS_DELETED")]
 
@@ -295,7 +290,7 @@ def test_semlabel_suggest_with_a_personal_access_token(stack, project, pat):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
     assert summary["tasks"] == 2 and summary["annotations"] == 2 and summary["stored"] == 2
-    assert summary["model_version"] == REVIEW_VERSION and summary["errors"] == []
+    assert summary["model_version"] == "semlabel" and summary["errors"] == []  # the live title
     assert "100%" in proc.stderr  # the progress bar ran to the end
     for name, labels in (("horses", ["horse"]), ("giraffe", ["giraffe"])):
         review = _review_preds(ls, project.tasks[name])  # the CLI replaced the backend's review

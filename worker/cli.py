@@ -235,9 +235,10 @@ def features_gc(max_gb: float | None, max_age_days: float | None) -> None:
 # The other commands, one module per area (each imports its heavy parts only when run).
 from worker.commands import model as _model_commands  # noqa: E402  train, eval, bench, paper
 from worker.commands import serve as _serve_commands  # noqa: E402  serve, suggest, bench-api
+from worker.commands import spot as _spot_commands  # noqa: E402  bench-spot
 from worker.commands import worker as _worker_commands  # noqa: E402  worker, models
 
-for _commands in (_worker_commands, _serve_commands, _model_commands):
+for _commands in (_worker_commands, _serve_commands, _model_commands, _spot_commands):
     _commands.register(main)
 
 

@@ -10,6 +10,12 @@ What each prediction holds (one ``choices`` result per served ``<Choices>``/``<I
   chosen labels followed by the likely-missing ones; ``meta.chosen`` / ``meta.suggested`` (label,
   probability, reasons); result and prediction ``score``: P(something is missing)
   = 1 − Π(1 − p) over the suggested labels.
+- **spot answer** (a point or box drawn with a smart tool) — ``value.choices``: the chosen labels
+  followed by the best ``suggest.spot.add`` label(s) at the spot; ``meta.spots`` (where, and the
+  labels listed for it with probability and reasons), ``meta.suggested``: the image's
+  likely-missing labels (listed, not ticked), ``meta.chosen_from``: where the annotator's choices
+  were read (Label Studio's context holds only the smart region; see :func:`current_choices`);
+  ``score``: P(missing) over the ticked spot labels.
 
 When the config has the reasons ``<TextArea>``, a read-only ``textarea`` result carries the same
 information as text the annotator sees.
@@ -19,10 +25,14 @@ from __future__ import annotations
 
 import math
 import uuid
+from datetime import datetime
 from typing import Iterable, Mapping, Sequence
 
 from ..model.predictor import Suggestion
+from ..model.spot import Spot
 from .config import Binding, ProjectConfig
+
+SPOT_TYPES = {"keypoint", "keypointlabels", "rectangle", "rectanglelabels"}
 
 
 def region_id() -> str:
@@ -48,7 +58,15 @@ def _num(x) -> str:
 def describe(s: Suggestion) -> str:
     """One line: the suggested label, its probability and why."""
     r = s.reasons
-    parts = [f"visual {_num(r.visual)}"]
+    parts = []
+    if r.local is not None:
+        here = f"here {_num(r.local)}"
+        if r.mean_local is not None:
+            here += f" vs image {_num(r.mean_local)}"
+        parts.append(here)
+        if r.attention is not None:
+            parts.append(f"attention ×{float(r.attention):.1f}")
+    parts.append(f"visual {_num(r.visual)}")
     if r.zero_shot is not None and not (isinstance(r.zero_shot, float) and math.isnan(r.zero_shot)):
         parts.append(f"zero-shot {_num(r.zero_shot)}")
     if r.co_occurring:
@@ -72,6 +90,8 @@ def suggestion_json(s: Suggestion) -> dict:
             "co_occurring": [[n, round(float(v), 4)] for n, v in r.co_occurring],
             "neighbours": [[n, round(float(v), 4)] for n, v in r.neighbours],
             "taxonomy_path": list(r.taxonomy_path),
+            **({"local": r.local, "mean_local": r.mean_local, "attention": r.attention, "spot": r.spot}
+               if r.local is not None else {}),
         },
         "text": describe(s),
     }
@@ -191,6 +211,134 @@ def suggestions(
         lines.append("ignored (not in the label config): " + ", ".join(ignored))
     result.extend(_textareas(config, lines))
     return {"model_version": model_version, "score": p_missing(all_probs), "result": result}
+
+
+def spots(config: ProjectConfig, result) -> dict[str, list[Spot]]:
+    """Points and boxes (smart ``<KeyPoint>``/``<Rectangle>`` regions) in a Label Studio result
+    list, per image object name. Label Studio gives ``x``, ``y``, ``width``, ``height`` in percent
+    of the image (a keypoint's ``width`` is its drawn size, not an extent)."""
+    images = {b.object for b in config.bindings}
+    out: dict[str, list[Spot]] = {}
+    for item in result or []:
+        if not isinstance(item, Mapping) or str(item.get("type", "")).lower() not in SPOT_TYPES:
+            continue
+        to_name = item.get("to_name")
+        if to_name not in images:
+            continue
+        value = item.get("value") if isinstance(item.get("value"), Mapping) else {}
+        try:
+            x, y = float(value["x"]) / 100.0, float(value["y"]) / 100.0
+            box = str(item.get("type", "")).lower().startswith("rectangle")
+            w = float(value.get("width", 0.0)) / 100.0 if box else 0.0
+            h = float(value.get("height", 0.0)) / 100.0 if box else 0.0
+        except (KeyError, TypeError, ValueError):
+            continue
+        if not all(math.isfinite(v) for v in (x, y, w, h)):
+            continue
+        size = [item.get("original_width"), item.get("original_height")]
+        width, height = (float(size[0]), float(size[1])) if all(
+            isinstance(v, (int, float)) and v > 0 for v in size) else (None, None)
+        out.setdefault(to_name, []).append(Spot(min(max(x, 0.0), 1.0), min(max(y, 0.0), 1.0),
+                                                max(w, 0.0), max(h, 0.0), width, height))
+    return out
+
+
+def _stamp(item: Mapping) -> str:
+    return str(item.get("updated_at") or item.get("created_at") or "")
+
+
+def current_choices(config: ProjectConfig, task: Mapping, served_version: str | None = None):
+    """The annotator's current choices as far as the task Label Studio sends with an
+    interactive request tells: its newest draft (Label Studio saves one 5 s after a change),
+    else its newest submitted annotation, else the pre-annotation they started from (the
+    served version's prediction, else the newest). Returns (choices per control, source)."""
+    for key in ("drafts", "annotations"):
+        items = [d for d in task.get(key) or [] if isinstance(d, Mapping) and isinstance(d.get("result"), list)
+                 and not d.get("was_cancelled")]
+        if items:
+            newest = max(items, key=_stamp)
+            return config.chosen(newest["result"])[0], key[:-1]
+    preds = [p for p in task.get("predictions") or [] if isinstance(p, Mapping) and isinstance(p.get("result"), list)]
+    if preds:
+        own = [p for p in preds if p.get("model_version") == served_version]
+        newest = max(own or preds, key=_stamp)
+        return config.chosen(newest["result"])[0], "prediction"
+    return {b.control: [] for b in config.bindings}, "none"
+
+
+def saved_at(task: Mapping) -> float:
+    """When the newest draft or annotation Label Studio sent with ``task`` was saved (epoch
+    seconds; 0 when none or unreadable)."""
+    newest = 0.0
+    for key in ("drafts", "annotations"):
+        for item in task.get(key) or []:
+            if not isinstance(item, Mapping):
+                continue
+            stamp = _stamp(item)
+            try:
+                newest = max(newest, datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())
+            except ValueError:
+                continue
+    return newest
+
+
+def spot_answer(
+    config: ProjectConfig,
+    chosen: Mapping[str, Sequence[str]],
+    at_spot: Mapping[tuple[str, str], Sequence[tuple[Spot, Sequence[Suggestion]]]],
+    in_image: Mapping[tuple[str, str], Sequence[Suggestion]],
+    model_version: str,
+    *,
+    add: int,
+    ignored: Sequence[str] = (),
+    meta: Mapping | None = None,
+) -> dict:
+    """The answer to a point or box: the chosen labels plus the best ``add`` label(s) at each
+    spot (never removing a chosen one), with the spot's and the image's reasons."""
+    result, lines, ticked_probs = [], [], []
+    for b in config.bindings:
+        have = list(chosen.get(b.control, []))
+        key = (b.control, b.object)
+        spots_here = list(at_spot.get(key, []))
+        image_items = [s for s in in_image.get(key, []) if s.label not in have]
+        ticked: list[Suggestion] = []
+        prefix = f"{b.control}: " if len(config.bindings) > 1 else ""
+        spot_meta = []
+        for spot, items in spots_here:
+            items = [s for s in items if s.label not in have]
+            room = add if b.multiple else (1 if not have and not ticked else 0)
+            picks = [s for s in items if s.label not in {t.label for t in ticked}][:room]
+            ticked.extend(picks)
+            spot_meta.append({"where": spot.describe(), "suggested": [suggestion_json(s) for s in items],
+                              "ticked": [s.label for s in picks]})
+            if items:
+                for s in items:
+                    mark = "ticked" if s in picks else "listed"
+                    lines.append(f"{prefix}{spot.describe()} ({mark}): {describe(s)}")
+            else:
+                lines.append(f"{prefix}{spot.describe()}: no label stands out here")
+        choices = have + [s.label for s in ticked]
+        image_items = [s for s in image_items if s.label not in choices]
+        if not choices:  # an empty choices result would be an empty answer
+            lines.extend(f"{prefix}likely missing in the image: {describe(s)}" for s in image_items)
+            continue
+        lines.extend(f"{prefix}likely missing in the image: {describe(s)}" for s in image_items)
+        ticked_probs.extend(s.probability for s in ticked)
+        region_meta = {
+            "chosen": have,
+            "spots": spot_meta,
+            "suggested": [suggestion_json(s) for s in image_items],
+            "p_missing": p_missing(s.probability for s in ticked),
+            **(dict(meta) if meta else {}),
+        }
+        if ignored:
+            region_meta["ignored"] = list(ignored)
+        region_meta["text"] = "; ".join(describe(s) for s in ticked) or "nothing added"
+        result.append(_choices_region(b, choices, region_meta["p_missing"], region_meta))
+    if ignored:
+        lines.append("ignored (not in the label config): " + ", ".join(ignored))
+    result.extend(_textareas(config, lines))
+    return {"model_version": model_version, "score": p_missing(ticked_probs), "result": result}
 
 
 def error_entry(model_version: str, message: str) -> dict:

@@ -92,6 +92,11 @@ class BackendService:
         # request for one reads its cached features without downloading the image again.
         self._upload_keys: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._upload_lock = threading.Lock()
+        # (project, task id) → (when, choices per control) of the last spot answer: Label
+        # Studio saves the annotator's draft 5 s after a change, so two points in quick
+        # succession would otherwise lose the first point's label.
+        self._answers: OrderedDict[tuple, tuple[float, dict]] = OrderedDict()
+        self._answers_lock = threading.Lock()
         self._taxonomy = None
         if self.cfg.taxonomy:
             from ..labels import Taxonomy
@@ -440,8 +445,10 @@ class BackendService:
     def predict(self, project: str | None, xml: str, tasks: Sequence[Any], context: Any = None) -> tuple[list, str]:
         """One entry per task, in order (see :mod:`.results`), and the model version.
 
-        ``context.result`` (interactive pre-annotation) holds the annotator's partial choices:
-        the entries then carry those labels plus the likely-missing ones, with reasons."""
+        ``context.result`` (interactive pre-annotation) holds the annotator's partial choices, or
+        (Label Studio's UI) a point or box drawn with a smart tool: the entries then carry the
+        chosen labels plus the likely-missing ones — for a spot, the best labels at that spot
+        (:mod:`backend.model.spot`) — with reasons."""
         config = self.project_config(xml)
         predictor = self.predictor(project)
         version = predictor.version
@@ -460,18 +467,41 @@ class BackendService:
                     threshold=pre.threshold, max_labels=pre.max_labels, reasons_labels=pre.reasons_labels,
                 )
         else:
-            chosen, unknown = config.chosen(partial)
+            ctx_chosen, unknown = config.chosen(partial)
             if unknown:
                 log.info("interactive context: ignoring %d value(s) not in the label config: %s",
                          len(unknown), ", ".join(unknown[:10]))
-            sugg = self._suggestions(
-                predictor, config, [feats[i] for i in ok], [chosen] * len(ok),
-                self.settings.suggest.top_k, self.settings.suggest.min_probability,
-            )
+            spots = results.spots(config, partial)
+            # Label Studio 1.23 sends only the smart region in the context and *replaces* the
+            # annotation's choices by the answer's: the annotator's current choices come from
+            # the task Label Studio sends along (draft, annotation or pre-annotation).
+            chosen_rows, sources = [], []
+            for i in ok:
+                if any(ctx_chosen.values()) or not spots:
+                    chosen_rows.append(ctx_chosen)
+                    sources.append("context")
+                else:
+                    row, source = results.current_choices(config, tasks[i], version)
+                    last = self._last_answer(project, tasks[i])
+                    if last is not None and last[0] > results.saved_at(tasks[i]):
+                        row = {c: list(dict.fromkeys([*row.get(c, []), *last[1].get(c, [])])) for c in row}
+                        source += "+last answer"
+                    chosen_rows.append(row)
+                    sources.append(source)
+            top_k, min_p = self.settings.suggest.top_k, self.settings.suggest.min_probability
+            sugg = self._suggestions(predictor, config, [feats[i] for i in ok], chosen_rows, top_k, min_p)
+            at_spot = self._spot_suggestions(predictor, config, [feats[i] for i in ok], chosen_rows, spots)
             for j, i in enumerate(ok):
-                entries[i] = results.suggestions(
-                    config, chosen, {key: rows[j] for key, rows in sugg.items()}, version, ignored=unknown,
-                )
+                task_items = {key: rows[j] for key, rows in sugg.items()}
+                if spots:
+                    entries[i] = results.spot_answer(
+                        config, chosen_rows[j], {key: rows[j] for key, rows in at_spot.items()}, task_items,
+                        version, add=self.settings.suggest.spot.add, ignored=unknown,
+                        meta={"chosen_from": sources[j]},
+                    )
+                    self._remember_answer(project, tasks[i], entries[i])
+                else:
+                    entries[i] = results.suggestions(config, chosen_rows[j], task_items, version, ignored=unknown)
         for i, err in enumerate(errors):
             if err is not None:
                 log.warning("project %s: no prediction for %s", project or "-", err)
@@ -502,6 +532,49 @@ class BackendService:
                 out[(b.control, b.object)] = predictor.suggest(
                     [f[b.object] for f in feats], space, known, top_k, min_probability
                 )
+        return out
+
+    def _last_answer(self, project, task) -> tuple[float, dict] | None:
+        key = (project, task.get("id"))
+        with self._answers_lock:
+            hit = self._answers.get(key)
+        if hit is None or time.time() - hit[0] > 600:
+            return None
+        return hit
+
+    def _remember_answer(self, project, task, entry: Mapping) -> None:
+        if task.get("id") is None:
+            return
+        choices = {r["from_name"]: list(r["value"]["choices"]) for r in entry.get("result", [])
+                   if r.get("type") == "choices"}
+        with self._answers_lock:
+            self._answers[(project, task.get("id"))] = (time.time(), choices)
+            self._answers.move_to_end((project, task.get("id")))
+            while len(self._answers) > 10_000:
+                self._answers.popitem(last=False)
+
+    def _spot_suggestions(self, predictor, config, feats, chosen, spots) -> dict:
+        """``{(control, object): [per image: [(Spot, [Suggestion])]]}`` for the bindings whose
+        image has a spot (a smart point or box) in the context."""
+        from ..model.spot import crop_fraction, suggest_at_spot
+
+        cfg, out = self.settings.suggest, {}
+        fraction = crop_fraction(self.runtime.backbone)
+        for b in config.bindings:
+            on_image = spots.get(b.object) or []
+            if not on_image or not feats:
+                continue
+            space = self._space_locked(b)
+            rows = []
+            for f, c in zip(feats, chosen):
+                known = list(c.get(b.control, []))
+                with self._compute:
+                    rows.append([(spot, suggest_at_spot(
+                        predictor, f[b.object], space, known, spot, top_k=cfg.spot.listed,
+                        min_probability=cfg.spot.min_probability, sigma=cfg.spot.point_sigma,
+                        gain=cfg.spot.local_gain, fraction=fraction, co_occurring=cfg.co_occurring,
+                        neighbours=cfg.neighbours)) for spot in on_image])
+            out[(b.control, b.object)] = rows
         return out
 
     def _space_locked(self, binding: Binding):

@@ -81,11 +81,20 @@ class TrainSettings(_Section):
     threads: int = Field(0, ge=0)
 
 
+class SpotSettings(_Section):
+    add: int = Field(1, ge=0)
+    listed: int = Field(3, ge=1)
+    min_probability: float = Field(0.2, ge=0.0, le=1.0)
+    point_sigma: float = Field(1.5, gt=0.0)
+    local_gain: float = Field(5.0, ge=0.0)
+
+
 class SuggestSettings(_Section):
     top_k: int = Field(5, ge=1)
     neighbours: int = Field(3, ge=0)
     min_probability: float = Field(0.05, ge=0.0, le=1.0)
     co_occurring: int = Field(3, ge=0)
+    spot: SpotSettings = SpotSettings()
 
 
 class BenchSettings(_Section):

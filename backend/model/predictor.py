@@ -26,7 +26,11 @@ class Reasons:
     - ``co_occurring``: chosen labels that support it, with the co-occurrence strength
       ``P(label | chosen)`` measured on the annotations;
     - ``neighbours``: its nearest labels in text-embedding space, with cosine similarity;
-    - ``taxonomy_path``: root-to-label path when a taxonomy is configured.
+    - ``taxonomy_path``: root-to-label path when a taxonomy is configured;
+    - for a spot (a point or box the annotator drew, :mod:`.spot`): ``spot`` says where,
+      ``local`` is the label's local evidence there, ``mean_local`` its evidence in the image's
+      average patch, ``attention`` how much more than uniformly SVFR's label attention falls on
+      the spot (None without SVFR).
     """
 
     visual: float
@@ -34,6 +38,10 @@ class Reasons:
     co_occurring: list[tuple[str, float]] = field(default_factory=list)
     neighbours: list[tuple[str, float]] = field(default_factory=list)
     taxonomy_path: list[str] = field(default_factory=list)
+    local: float | None = None
+    mean_local: float | None = None
+    attention: float | None = None
+    spot: str | None = None
 
 
 @dataclass

@@ -134,11 +134,11 @@ def suggest(project, url, token, limit, dry_run) -> None:
             if entry is None:
                 summary["nothing_chosen"] += 1
                 continue
-            summary["model_version"] = entry["model_version"]
             scores.append(entry["score"])
             if not dry_run:
                 store_review_prediction(client, int(task_id), int(ann["id"]), entry, project=project)
                 summary["stored"] += 1
+            summary["model_version"] = entry["model_version"]  # as stored (the live title, maybe)
     if scores:
         summary["mean_p_missing"] = round(sum(scores) / len(scores), 4)
     summary["served_version"] = service.predictor(pid).version
