@@ -178,12 +178,14 @@ class ImageLoader:
             raise URLNotAllowed(_clip(source), "a local-files URL without ?d=")
         if path.startswith("/data/upload/"):
             key = path[len("/data/"):]
-            return [f"{base}/storage-data/uploaded/?filepath={quote(key)}", f"{base}{path}"]
+            # The media path itself first (what Label Studio 1.23 serves uploads from); the
+            # storage-data view of newer releases after it.
+            return [f"{base}{path}", f"{base}/storage-data/uploaded/?filepath={quote(key)}"]
         return [f"{base}{path}" + (f"?{query}" if query else "")]
 
     def _download(self, source: str, urls: Sequence[str]) -> bytes:
         """The bytes behind the first of ``urls`` that answers (the next one is tried on a
-        401/403/404), within ``images.download_deadline_s`` for all of them together."""
+        400/401/403/404), within ``images.download_deadline_s`` for all of them together."""
         import requests
 
         deadline = time.monotonic() + self.settings.download_deadline_s
@@ -195,7 +197,7 @@ class ImageLoader:
                     return self._get(session, source, url, deadline)
                 except ImageUnreachable as exc:
                     last = exc
-                    if not any(f"HTTP {code}" in exc.detail for code in (401, 403, 404)):
+                    if not any(f"HTTP {code}" in exc.detail for code in (400, 401, 403, 404)):
                         raise
         raise last  # type: ignore[misc]
 
