@@ -42,6 +42,31 @@ def plot_pr_curves(path: Path, curves_by_method: dict[str, dict], title: str = "
     return path
 
 
+def plot_reliability(path: Path, calibrations: dict[str, dict], title: str = "") -> Path:
+    """Reliability diagram: observed frequency against mean probability per bin, one line per
+    method (``calibrations[name]`` is :func:`worker.metrics.calibration`'s output), marker
+    area ∝ pairs in the bin; the diagonal is perfect calibration."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="calibrated")
+    for name, cal in calibrations.items():
+        bins = cal.get("bins") or []
+        if not bins:
+            continue
+        total = sum(b["count"] for b in bins)
+        xs, ys = [b["mean_p"] for b in bins], [b["frequency"] for b in bins]
+        line = ax.plot(xs, ys, marker="", linewidth=1.2, label=f"{name} (ECE {cal['ECE']:.3f})")[0]
+        ax.scatter(xs, ys, s=[8 + 400 * b["count"] / total for b in bins], color=line.get_color(), alpha=0.6)
+    strategy = next((c.get("strategy") for c in calibrations.values()), "")
+    ax.set(xlabel="mean predicted probability", ylabel="observed frequency", xlim=(0, 1), ylim=(0, 1),
+           title=(title + "\n" if title else "") + f"reliability ({strategy.replace('_', '-')} bins)")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 @torch.no_grad()
 def gmc_attention(module, embeddings: torch.Tensor, graph) -> torch.Tensor:
     """``[C, C]`` attention of the first GATv2 layer (mean over heads), ``A[i, j]`` = how
