@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from backend.model.decision import decide, expected_toggles, tick_gain
+from backend.model.decision import decide, expected_toggles, preselect, tick_gain
 from backend.settings import Settings
 
 
@@ -68,3 +68,8 @@ def test_costs_move_the_threshold_to_their_ratio_and_bounds_are_kept():
 def test_costs_come_from_the_configuration():
     pre = Settings().backend.preannotation
     assert (pre.wrong_tick_cost, pre.missed_tick_cost) == (1.0, 1.0)
+    p = np.array([[0.9, 0.7, 0.2], [0.1, 0.3, 0.2]])
+    assert preselect(p, pre).tolist() == decide(p, max_labels=pre.max_labels).tolist()
+    assert preselect(p, pre, multiple=False).tolist() == [[True, False, False], [False, True, False]]
+    two = pre.model_copy(update={"max_labels": 1})
+    assert preselect(p, two).tolist() == [[True, False, False], [False, False, False]]

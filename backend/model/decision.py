@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["decide", "expected_toggles", "tick_gain"]
+__all__ = ["decide", "expected_toggles", "preselect", "tick_gain"]
 
 
 def _as_numpy(x) -> np.ndarray:
@@ -114,3 +114,14 @@ def expected_toggles(
     s = _as_numpy(selected) > 0.5
     cost = np.where(s, wrong_tick_cost * (1.0 - p), missed_tick_cost * p)
     return cost.sum(axis=-1)
+
+
+def preselect(probabilities, cfg, multiple: bool = True) -> np.ndarray:
+    """The backend's pre-selection of a ``<Choices>``: :func:`decide` with the costs and the
+    bound of ``backend.preannotation`` (``cfg``); a single-choice ``<Choices>`` gets exactly
+    its most likely label (a radio button is changed with one click, never emptied).
+
+    The benchmark calls this very function on each method's served probabilities."""
+    if not multiple:
+        return decide(probabilities, cfg.wrong_tick_cost, cfg.missed_tick_cost, min_labels=1, max_labels=1)
+    return decide(probabilities, cfg.wrong_tick_cost, cfg.missed_tick_cost, max_labels=cfg.max_labels)
