@@ -47,11 +47,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from backend.errors import ImageError
 from backend.features import Features
 from backend.labels import Taxonomy
 from backend.settings import Settings, config_dir, get_settings
 
-from .data import encode_examples, examples_from_tasks, read_export
+from .data import examples_from_tasks, read_export
 from .fashion import OutfitStructure, build_mosaics, label_config_xml, label_studio_export, partial_labels, write_json
 from .metrics import (
     calibration,
@@ -114,11 +115,25 @@ def build_data(out: Path, settings: Settings, train_images: int, test_images: in
     return {"classes": structure.classes, "train_styles": train.styles, "train_full": train.labels}
 
 
+def encode(examples, runtime, progress=None):
+    """(kept examples with ``key`` set, their whole :class:`Features` — native and text-aligned
+    parts together —, image errors), from the FeatureStore."""
+    feats = runtime.features_for([e.image for e in examples], [e.task_id for e in examples], progress=progress)
+    errors = [f for f in feats if isinstance(f, ImageError)]
+    pairs = [(e, f) for e, f in zip(examples, feats) if not isinstance(f, ImageError)]
+    for example, f in pairs:
+        example.key = f.key
+    if errors:
+        log.warning("%d of %d images could not be used (first: %s)", len(errors), len(examples), errors[0])
+    return [e for e, _ in pairs], [f for _, f in pairs], errors
+
+
 def pooled(feats: Sequence[Features]) -> tuple[torch.Tensor, str]:
     """``[N, D]`` features for the linear probes: the backbone's native pooled feature of the
     whole image when the Features carry one, else the text-aligned global feature."""
     native = [getattr(f, "native_global", None) for f in feats]
-    if feats and all(n is not None for n in native):
+    # Features without a native part of their own carry the aligned one in its place.
+    if feats and all(n is not None and n is not f.global_ for n, f in zip(native, feats)):
         return torch.stack([n.float() for n in native]), "native pooled"
     return torch.stack([f.global_.float() for f in feats]), "text-aligned global"
 
@@ -211,11 +226,11 @@ def run_bench(
     space = runtime.label_space(classes, taxonomy)
     t0 = time.perf_counter()
     test_examples, _ = examples_from_tasks(read_export(out / "test.json"), classes, images_root=out)
-    test_examples, test_feats, test_errors = encode_examples(test_examples, runtime, show_progress)
+    test_examples, test_feats, test_errors = encode(test_examples, runtime, show_progress)
     train_sets = {}
     for mode in modes:
         examples, report = examples_from_tasks(read_export(out / f"train_{mode}.json"), classes, images_root=out)
-        examples, feats, errors = encode_examples(examples, runtime, show_progress)
+        examples, feats, errors = encode(examples, runtime, show_progress)
         train_sets[mode] = (examples, feats, report.to_dict())
     feature_seconds = time.perf_counter() - t0
     feature_counts = {"computed": runtime.features.computed, "cached": runtime.features.hits}

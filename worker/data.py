@@ -205,31 +205,25 @@ def label_sets(examples: Sequence[Example]) -> list[list[str]]:
     return [e.positives for e in examples]
 
 
-def encode_examples(examples: Sequence[Example], runtime, progress: bool | None = None):
+def attach_features(examples: Sequence[Example], runtime, progress: bool | None = None):
     """Fetch and encode (or read from the cache) every example's image.
 
-    Returns ``(kept examples with .key set, their Features, errors)`` where errors are the
-    :class:`ImageError` of the images that could not be used."""
+    Returns ``(kept examples with .key set, global [N, D], local [N, P, D], errors)`` where
+    errors are the :class:`ImageError` of the images that could not be used."""
+    import torch
+
     feats = runtime.features_for([e.image for e in examples], [e.task_id for e in examples], progress=progress)
-    kept, kept_feats, errors = [], [], []
+    kept, globals_, locals_, errors = [], [], [], []
     for example, f in zip(examples, feats):
         if isinstance(f, ImageError):
             errors.append(f)
             continue
         example.key = f.key
         kept.append(example)
-        kept_feats.append(f)
+        globals_.append(f.global_)
+        locals_.append(f.local)
     if errors:
         log.warning("%d of %d images could not be used (first: %s)", len(errors), len(examples), errors[0])
     if not kept:
         raise ConfigError("no usable image among the examples" + (f" (first error: {errors[0]})" if errors else ""))
-    return kept, kept_feats, errors
-
-
-def attach_features(examples: Sequence[Example], runtime, progress: bool | None = None):
-    """:func:`encode_examples` with the features stacked: ``(kept examples, global [N, D],
-    local [N, P, D], errors)``."""
-    import torch
-
-    kept, feats, errors = encode_examples(examples, runtime, progress)
-    return kept, torch.stack([f.global_ for f in feats]), torch.stack([f.local for f in feats]), errors
+    return kept, torch.stack(globals_), torch.stack(locals_), errors
