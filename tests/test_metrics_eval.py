@@ -152,8 +152,14 @@ def test_train_and_eval_commands_on_label_studio_exports(fashion_set, tmp_path):
     assert out["images"] == 80 and out["version"].startswith("sigrl-")
     assert out["zero_shot"]["mAP"] < out["mAP"]
     assert {"mAP", "F1@3", "hidden_recall@3"} <= set(out["zero_shot"])
+    # What an annotator sees: the backend's pre-selection on the served probabilities.
+    for view in (out, out["zero_shot"]):
+        assert view["blank_edit_cost"] == pytest.approx(np.mean([len(x) for x in test["labels"][:80]]), abs=1e-3)
+        assert 0.0 <= view["edit_cost"] <= 10.0 and 0.0 <= view["micro-F1"] <= 1.0 and 0.0 <= view["ECE"] <= 1.0
+        assert sum(b["count"] for b in view["calibration"]["bins"]) == 80 * len(classes)
     report = tmp_path / "report"
-    assert {"report.md", "pr_curves.png", "label_graph.png", "eval.json"} <= {p.name for p in report.iterdir()}
+    assert {"report.md", "pr_curves.png", "label_graph.png", "eval.json", "reliability.png"} <= {
+        p.name for p in report.iterdir()}
     assert (report / "pr_curves.png").stat().st_size > 10_000
     assert "![PR curves](pr_curves.png)" in (report / "report.md").read_text()
 
