@@ -26,7 +26,8 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from .model.config import BenchSettings, LossSettings, ModelSettings, SuggestSettings, TrainSettings
+from .model.config import (BenchSettings, CalibrationSettings, LossSettings, ModelSettings, SuggestSettings,
+                           TrainSettings)
 
 CONFIG_ENV = "SEMLABEL_CONFIG"
 CONFIG_DIR_ENV = "SEMLABEL_CONFIG_DIR"
@@ -75,6 +76,7 @@ class BackboneSettings(_Section):
     device: str = "auto"
     batch_size: int = Field(16, ge=1)
     network_probe_timeout_s: float = 2.0
+    image_fit: Literal["pad", "crop"] = "pad"
     open_clip: OpenClipSettings
     packaged: PackagedSettings
 
@@ -261,6 +263,7 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     loss: LossSettings = LossSettings()
     train: TrainSettings = TrainSettings()
+    calibration: CalibrationSettings = CalibrationSettings()
     suggest: SuggestSettings = SuggestSettings()
     backend: BackendSettings = BackendSettings()
     bench: BenchSettings = BenchSettings()
