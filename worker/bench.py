@@ -11,7 +11,7 @@
    ``bench.class_temperature``.
 3. Trains, per label setting: zero-shot (no training), linear probe + AN-LS, linear probe +
    EM (on the backbone's pooled native features of the whole image when the backbone gives
-   them; learning rate and weight decay chosen by :func:`tune_probe` on a validation split
+   them; learning rate and weight decay chosen from ``bench.probe_lr`` × ``bench.probe_weight_decay`` on the validation split
    carved from the training export, never the test images), GMC only, SVFR only, SigRL
    (GMC + SVFR), SigRL + semantic loss (taxonomy ``configs/bench/fashion_taxonomy.yaml``) —
    over the seeds ``bench.seeds`` — and evaluates them on the fully labelled test images.
@@ -59,7 +59,6 @@ from .metrics import (
     evaluate_scores,
     hide_positives,
     label_subset_map,
-    observed_label_auc,
     pr_curves,
     selection_metrics,
 )
@@ -154,30 +153,10 @@ def served_predictor(model, runtime, directory: Path):
     return load_predictor(directory, runtime, device="cpu")
 
 
-def tune_probe(kind: str, label_sets, classes, G, settings: Settings, seed: int, show_progress=None) -> dict:
-    """Learning rate and weight decay of a linear probe, chosen on a validation split carved
-    from the training export (``bench.tune_fraction``; never the test images) by
-    :func:`~worker.metrics.observed_label_auc` of its partial labels."""
-    from .baselines import train_linear_probe
-
-    bench = settings.bench
-    n = len(label_sets)
-    perm = np.random.default_rng(bench.seed + 17).permutation(n)
-    n_val = max(1, int(round(n * bench.tune_fraction)))
-    val, fit_idx = perm[:n_val].tolist(), perm[n_val:].tolist()
-    loss_cfg = settings.loss.model_copy(update={"kind": kind})
-    y_val = targets([label_sets[i] for i in val], classes)
-    grid = []
-    for lr in bench.probe_lr:
-        for wd in bench.probe_weight_decay:
-            tcfg = settings.train.model_copy(update={"lr": lr, "weight_decay": wd})
-            probe = train_linear_probe([label_sets[i] for i in fit_idx], classes, G[fit_idx], loss_cfg, tcfg, seed,
-                                       show_progress=show_progress)
-            grid.append({"lr": lr, "weight_decay": wd,
-                         "observed_auc": round(observed_label_auc(probe.logits(G[val]), y_val), 4)})
-    best = max(grid, key=lambda g: (g["observed_auc"], -g["weight_decay"], -g["lr"]))
-    return {"lr": best["lr"], "weight_decay": best["weight_decay"], "validation_images": n_val,
-            "criterion": "observed-label AUC", "grid": grid}
+def probe_grid(settings: Settings) -> list[tuple[float, float]]:
+    """(learning rate, weight decay) pairs the linear probes are tuned over
+    (``bench.probe_lr`` × ``bench.probe_weight_decay``)."""
+    return [(lr, wd) for lr in settings.bench.probe_lr for wd in settings.bench.probe_weight_decay]
 
 
 def run_bench(
@@ -280,15 +259,16 @@ def run_bench(
                 continue
             loss_cfg = settings.loss.model_copy(update=spec.get("loss", {}))
             runs: dict[str, list[dict]] = {}
-            if "probe" in spec:
-                tuned = tune_probe(spec["probe"], label_sets, classes, G_train, settings, seeds[0], show_progress)
-                tuning[name] = tuned
-                probe_train = settings.train.model_copy(update={"lr": tuned["lr"], "weight_decay": tuned["weight_decay"]})
             for seed in seeds:
                 if "probe" in spec:
+                    # Tuned on the validation split the probe carves from the training export
+                    # (as the heads' model selection; never the test images), calibrated there.
                     probe = train_linear_probe(label_sets, classes, G_train,
                                                settings.loss.model_copy(update={"kind": spec["probe"]}),
-                                               probe_train, seed, show_progress=show_progress)
+                                               settings.train, seed, show_progress=show_progress,
+                                               grid=probe_grid(settings), calibration_cfg=settings.calibration)
+                    tuning.setdefault(name, []).append(
+                        {"seed": seed, **{k: probe.summary.get(k) for k in ("lr", "weight_decay", "val_auc", "candidates")}})
                     scores = probe.logits(G_test)
                     probs = probe_probabilities(probe, G_test)
                     seconds, epochs = probe.summary["train_seconds"], probe.summary["epochs_run"]
@@ -599,9 +579,10 @@ def render_markdown(payload: dict) -> dict:
                          + (f"; trained with them {with_them:.3f}" if with_them is not None else "") + ".")
         tuned = res.get("probe_tuning") or {}
         if tuned:
-            lines.append("\nLinear probes tuned on a validation split of the training export ("
-                         + "; ".join(f"{n}: lr {t['lr']:g}, weight decay {t['weight_decay']:g}" for n, t in tuned.items())
-                         + ").")
+            lines.append("\nLinear probes tuned per seed on the validation split of the training export (lr, weight "
+                         "decay chosen: " + "; ".join(
+                             f"{n}: " + ", ".join(f"{t['lr']:g}/{t['weight_decay']:g}" for t in runs_)
+                             for n, runs_ in tuned.items()) + ").")
     timing = payload.get("timing_1000")
     dec = payload["decision"]
     foot = (f"\nEdit cost: label toggles from the pre-selection to the truth, the pre-selection being the backend's "

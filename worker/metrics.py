@@ -205,25 +205,6 @@ def label_subset_map(scores, y, labels: Sequence[int]) -> dict:
     return {"mAP": _mean(aps), "AP": aps}
 
 
-def observed_label_auc(scores, observed) -> float:
-    r"""Mean over labels of the ROC-AUC of *observed* positives against everything else — a
-    model-selection criterion for partial labels that does not punish finding true labels
-    nobody annotated.
-
-    With labels missing completely at random (each positive of label c observed with a rate
-    :math:`e_c`), the unobserved are a mixture of negatives (weight :math:`w_c`) and unobserved
-    positives ranked like the observed ones, so
-    :math:`\mathrm{AUC}_{obs} = w_c\,\mathrm{AUC} + (1 - w_c)/2`: an increasing affine function of
-    the true AUC, whatever the model (the mAP of partial labels has no such property). Labels
-    without an observed positive, or with nothing unobserved, are skipped.
-    """
-    from sklearn.metrics import roc_auc_score
-
-    s, t = _np(scores).astype(np.float64), _np(observed) > 0
-    aucs = [roc_auc_score(t[:, c], s[:, c]) for c in range(t.shape[1]) if 0 < t[:, c].sum() < t.shape[0]]
-    return float(np.mean(aucs)) if aucs else float("nan")
-
-
 def selection_metrics(probabilities, selected, y, *, bins: int = 15, strategy: str = "equal_mass") -> dict:
     """What an annotator sees of a selection and its probabilities: edit cost per task (and a
     blank task's), micro/macro-F1, labels ticked per task, ECE."""

@@ -135,6 +135,5 @@ class BenchSettings(_Section):
     unseen_labels: list[str] = ["Sandal", "Coat"]
     ece_bins: int = Field(15, ge=2)
     ece_binning: Literal["equal_mass", "equal_width"] = "equal_mass"
-    tune_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     probe_lr: list[float] = [0.002, 0.01, 0.05]
     probe_weight_decay: list[float] = [0.0001, 0.01, 0.1]
