@@ -1,7 +1,11 @@
 """FeatureStore: image features computed once, shared by backend and worker.
 
 Layout: ``<root>/<backbone fingerprint>/<key[:2]>/<key>.npz`` where ``key`` is the SHA-256
-of the image bytes. Each file holds ``global [D]`` and ``local [P, D]`` (fp16 by default).
+of the image bytes. Each file holds the text-aligned ``global [D]`` and ``local [P, D]`` and,
+unless the backbone's native space is the aligned one, its native ``native_global [N]`` and
+``native_local [P, N]`` (fp16 by default). The fingerprint covers the backbone's weights, its
+preprocessing (whole image or crop, size, ...) and the feature version, so features made
+another way live in another directory and are never mixed.
 
 Concurrency: a writer saves to a unique temporary file in the same directory and renames it
 over the final name (``os.replace`` is atomic on POSIX), so readers see either no file or a
@@ -35,17 +39,73 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class EncodedImages:
+    """Features of a batch of images (what ``Backbone.encode_images`` returns, and what the
+    heads take): native ``native_global [B, N]``, ``native_local [B, P, N]`` and text-aligned
+    ``global_ [B, D]``, ``local [B, P, D]``. Indexing with image indices gives a sub-batch."""
+
+    native_global: torch.Tensor
+    native_local: torch.Tensor
+    global_: torch.Tensor
+    local: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.global_.shape[0])
+
+    def __getitem__(self, index) -> "EncodedImages":
+        return EncodedImages(*(t[index] for t in self.tensors()))
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.native_global, self.native_local, self.global_, self.local
+
+    def to(self, device, dtype: torch.dtype | None = None) -> "EncodedImages":
+        return EncodedImages(*(t.to(device=device, dtype=dtype) for t in self.tensors()))
+
+    def to_cpu_float(self) -> "EncodedImages":
+        return EncodedImages(*(t.float().cpu() for t in self.tensors()))
+
+    def nbytes(self) -> int:
+        return sum(t.element_size() * t.numel() for t in self.tensors())
+
+    @classmethod
+    def aligned_only(cls, global_: torch.Tensor, local: torch.Tensor) -> "EncodedImages":
+        """A batch whose native space is the aligned one (e.g. features of older callers)."""
+        return cls(global_, local, global_, local)
+
+
+@dataclass
 class Features:
-    """Features of one image: global ``[D]`` and local ``[P, D]`` (float32 tensors)."""
+    """Features of one image: text-aligned global ``[D]`` and local ``[P, D]``, and the
+    backbone's native global ``[N]`` and local ``[P, N]`` (float32 tensors; the native ones are
+    the aligned ones when the backbone's native space is aligned, or for older callers that
+    pass none)."""
 
     key: str
     global_: torch.Tensor
     local: torch.Tensor
+    native_global: torch.Tensor | None = None
+    native_local: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.native_global is None:
+            self.native_global = self.global_
+        if self.native_local is None:
+            self.native_local = self.local
 
 
 def stack(features: Sequence[Features]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch: (global ``[B, D]``, local ``[B, P, D]``)."""
+    """A batch of the aligned features: (global ``[B, D]``, local ``[B, P, D]``)."""
     return (
+        torch.stack([f.global_ for f in features]),
+        torch.stack([f.local for f in features]),
+    )
+
+
+def stack_all(features: Sequence[Features]) -> EncodedImages:
+    """A batch of every feature of ``features`` (see :class:`EncodedImages`)."""
+    return EncodedImages(
+        torch.stack([f.native_global for f in features]),
+        torch.stack([f.native_local for f in features]),
         torch.stack([f.global_ for f in features]),
         torch.stack([f.local for f in features]),
     )
@@ -98,7 +158,9 @@ class FeatureStore:
         path = self.path(key)
         try:
             with np.load(path) as data:
-                global_, local = data["global"], data["local"]
+                arrays = [data["global"], data["local"]]
+                if "native_global" in data.files:
+                    arrays += [data["native_global"], data["native_local"]]
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
@@ -108,21 +170,18 @@ class FeatureStore:
             os.utime(path)  # recency for the LRU clean-up
         except OSError:
             pass
-        return Features(key, torch.from_numpy(global_.astype(np.float32)), torch.from_numpy(local.astype(np.float32)))
+        return Features(key, *(torch.from_numpy(a.astype(np.float32)) for a in arrays))
 
     def put(self, features: Features) -> None:
         path = self.path(features.key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{features.key[:8]}-", suffix=".tmp", dir=path.parent)
         try:
+            arrays = {"global": features.global_, "local": features.local}
+            if features.native_global is not features.global_:  # aligned native: stored once
+                arrays |= {"native_global": features.native_global, "native_local": features.native_local}
             with os.fdopen(fd, "wb") as fh:
-                np.savez(
-                    fh,
-                    **{
-                        "global": features.global_.numpy().astype(self.dtype),
-                        "local": features.local.numpy().astype(self.dtype),
-                    },
-                )
+                np.savez(fh, **{name: t.numpy().astype(self.dtype) for name, t in arrays.items()})
             os.replace(tmp, path)
         except BaseException:
             try:
@@ -177,16 +236,18 @@ class FeatureStore:
                     owners.append(i)
                 if images:
                     t0 = time.perf_counter()
-                    global_, local = self.backbone.encode_images(images)
+                    encoded = self.backbone.encode_images(images)
                     log.debug("encoded %d images in %.2fs", len(images), time.perf_counter() - t0)
+                    aligned = bool(getattr(self.backbone, "native_is_aligned", False))
                     for j, i in enumerate(owners):
                         # Round to the storage precision now, so a fresh result equals
                         # what the cache will return next time.
-                        feats = Features(
-                            blobs[i].key,
-                            torch.from_numpy(global_[j].numpy().astype(self.dtype).astype(np.float32)),
-                            torch.from_numpy(local[j].numpy().astype(self.dtype).astype(np.float32)),
-                        )
+                        g, l = self._rounded(encoded.global_[j]), self._rounded(encoded.local[j])
+                        if aligned:
+                            feats = Features(blobs[i].key, g, l)
+                        else:
+                            feats = Features(blobs[i].key, g, l, self._rounded(encoded.native_global[j]),
+                                             self._rounded(encoded.native_local[j]))
                         self.put(feats)
                         out[i] = feats
                     self.computed += len(images)
@@ -197,15 +258,22 @@ class FeatureStore:
                     out[i] = out[first_of[blobs[i].key]]
         return out  # type: ignore[return-value]
 
-    def load_many(self, keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stacked features of already-cached keys; raises KeyError naming a missing one."""
+    def _rounded(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(t.numpy().astype(self.dtype).astype(np.float32))
+
+    def load_features(self, keys: Sequence[str]) -> list[Features]:
+        """The Features of already-cached keys; raises KeyError naming a missing one."""
         feats = []
         for key in keys:
             f = self.get(key)
             if f is None:
                 raise KeyError(f"features of {key} are not in the store {self.dir}")
             feats.append(f)
-        return stack(feats)
+        return feats
+
+    def load_many(self, keys: Sequence[str]) -> EncodedImages:
+        """Every feature of already-cached keys, stacked; raises KeyError naming a missing one."""
+        return stack_all(self.load_features(keys))
 
     # -- housekeeping ------------------------------------------------------------------
     def entries(self) -> list[tuple[Path, os.stat_result]]:

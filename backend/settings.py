@@ -26,7 +26,8 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from .model.config import BenchSettings, LossSettings, ModelSettings, SuggestSettings, TrainSettings
+from .model.config import (BenchSettings, CalibrationSettings, LossSettings, ModelSettings, SuggestSettings,
+                           TrainSettings)
 
 CONFIG_ENV = "SEMLABEL_CONFIG"
 CONFIG_DIR_ENV = "SEMLABEL_CONFIG_DIR"
@@ -75,6 +76,7 @@ class BackboneSettings(_Section):
     device: str = "auto"
     batch_size: int = Field(16, ge=1)
     network_probe_timeout_s: float = 2.0
+    image_fit: Literal["pad", "crop"] = "pad"
     open_clip: OpenClipSettings
     packaged: PackagedSettings
 
@@ -203,6 +205,8 @@ class StoreSettings(_Section):
 class PreannotationSettings(_Section):
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     max_labels: int = Field(10, ge=1)
+    wrong_tick_cost: float = Field(1.0, ge=0.0)
+    missed_tick_cost: float = Field(1.0, ge=0.0)
     reasons_labels: int = Field(10, ge=1)
 
 
@@ -308,6 +312,7 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     loss: LossSettings = LossSettings()
     train: TrainSettings = TrainSettings()
+    calibration: CalibrationSettings = CalibrationSettings()
     suggest: SuggestSettings = SuggestSettings()
     backend: BackendSettings = BackendSettings()
     bench: BenchSettings = BenchSettings()

@@ -81,9 +81,11 @@ def fashion_set(runtime, tmp_path_factory):
     packaged-backbone features, built once per session: 320 train + 200 test images.
 
     A dict: ``classes``, ``train``/``test`` → ``{"paths", "labels" (complete), "G", "L",
-    "features"}``, ``root`` (the image directory)."""
+    "features", "batch"}`` (``batch``: every feature, native ones included, as one
+    EncodedImages), ``root`` (the image directory)."""
     import torch
 
+    from backend.features import stack_all
     from backend.settings import config_dir
     from worker.fashion import OutfitStructure, build_mosaics
 
@@ -99,5 +101,6 @@ def fashion_set(runtime, tmp_path_factory):
             "features": feats,
             "G": torch.stack([f.global_ for f in feats]),
             "L": torch.stack([f.local for f in feats]),
+            "batch": stack_all(feats),
         }
     return out

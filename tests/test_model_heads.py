@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from backend.features import EncodedImages
 from backend.model.config import ModelSettings
 from backend.model.cooccurrence import CooccurrenceStats
 from backend.model.gmc import GMC, build_label_graph
@@ -13,7 +14,7 @@ from backend.model.sigrl import SigRL, label_graph
 from backend.model.svfr import SVFR
 from backend.model.zeroshot import zero_shot_logits
 
-D, P = 32, 9
+D, P, NATIVE = 32, 9, 48  # aligned width, locations, native width
 
 
 def _unit(*shape, seed=0):
@@ -119,31 +120,53 @@ def _stats():
     return CooccurrenceStats.from_label_sets([["l0", "l1"], ["l1", "l2"], ["l0", "l1", "l3"]])
 
 
-def test_fresh_sigrl_is_the_zero_shot_model():
-    cfg = ModelSettings(adapter_hidden=16, gat_hidden=8, attn_dim=8, global_weight=0.6, local_top_k=3)
+def _batch(B, seed, native=True):
+    """Aligned features with (native=True) separate native features of width NATIVE."""
+    g, l = _unit(B, D, seed=seed), _unit(B, P, D, seed=seed + 100)
+    if not native:
+        return EncodedImages.aligned_only(g, l)
+    gen = torch.Generator().manual_seed(seed + 200)
+    nl = torch.randn(B, P, NATIVE, generator=gen).relu()
+    return EncodedImages(nl.mean(1), nl, g, l)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_fresh_sigrl_is_the_zero_shot_model(native):
+    """Native features of another width (packaged backbone) or none (aligned, open_clip):
+    either way the fresh heads are exactly the zero-shot model, known labels included."""
+    cfg = ModelSettings(adapter_hidden=16, gat_hidden=8, attn_dim=8, global_weight=0.6, local_top_k=3,
+                        native_local_rank=8)
     C = 6
     names = [f"l{i}" for i in range(C)]
-    H, g, l = _unit(C, D, seed=5), _unit(4, D, seed=6), _unit(4, P, D, seed=7)
-    model = SigRL(D, cfg, zero_shot_scale=14.0, zero_shot_bias=0.6).eval()
+    H, batch = _unit(C, D, seed=5), _batch(4, 6, native)
+    model = SigRL(D, cfg, zero_shot_scale=14.0, zero_shot_bias=0.6, native_dim=NATIVE if native else D)
+    model.fit_feature_stats(batch)
+    model.eval()
     graph = label_graph(_stats(), names, H, cfg)
-    out = model(g, l, H, graph)
-    expected = zero_shot_logits(g, l, H, global_weight=0.6, top_k=3, scale=14.0, bias=0.6)
+    out = model(batch, H, graph)
+    expected = zero_shot_logits(batch.global_, batch.local, H, global_weight=0.6, top_k=3, scale=14.0, bias=0.6)
     assert torch.allclose(out.logits, expected, atol=1e-5)
     assert torch.allclose(out.visual_logits, out.logits)
+    known = torch.tensor([[1.0, 1, 0, 0, 0, 0]] * 4)
+    assert torch.allclose(model(batch, H, graph, known).logits, expected, atol=1e-5)  # untrained expert: off
+    # Shrinking a fresh model towards zero-shot changes nothing either.
+    model.heads_weight.fill_(0.5)
+    assert torch.allclose(model(batch, H, graph).logits, expected, atol=1e-5)
 
 
 def test_sigrl_shapes_chunking_and_known_labels():
     cfg = ModelSettings(adapter_hidden=16, gat_hidden=8, attn_dim=8, chunk_size=2)
     C = 5
     names = [f"l{i}" for i in range(C)]
-    H, g, l = _unit(C, D, seed=8), _unit(3, D, seed=9), _unit(3, P, D, seed=10)
-    model = _trained_like(SigRL(D, cfg, 14.0, 0.6), seed=11).eval()
+    H, batch = _unit(C, D, seed=8), _batch(3, 9)
+    model = _trained_like(SigRL(D, cfg, 14.0, 0.6, native_dim=NATIVE), seed=11).eval()
+    model.known_active.fill_(1.0)
     graph = label_graph(_stats(), names, H, cfg)
     known = torch.tensor([[1.0, 0, 0, 0, 0], [0, 0, 0, 0, 0], [1.0, 1.0, 0, 0, 0]])
-    out = model(g, l, H, graph, known)
+    out = model(batch, H, graph, known)
     assert out.logits.shape == out.visual_logits.shape == (3, C)
     assert out.label_embeddings.shape == (C, D)
-    unchunked = model(g, l, H, graph, known, chunk_size=C)
+    unchunked = model(batch, H, graph, known, chunk_size=C)
     assert torch.allclose(out.logits, unchunked.logits, atol=1e-5)
     # No known label: exactly the visual logits. Known labels move the others' logits.
     assert torch.allclose(out.logits[1], out.visual_logits[1])
@@ -183,11 +206,11 @@ def test_sigrl_shapes_chunking_and_known_labels():
 def test_every_parameter_is_label_independent():
     """No per-label rows: the same weights score 3 or 300 labels."""
     cfg = ModelSettings(adapter_hidden=16, gat_hidden=8, attn_dim=8, chunk_size=64, max_neighbours=8)
-    model = SigRL(D, cfg, 14.0, 0.6).eval()
+    model = SigRL(D, cfg, 14.0, 0.6, native_dim=NATIVE).eval()
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    g, l = _unit(2, D, seed=12), _unit(2, P, D, seed=13)
+    batch = _batch(2, 12)
     for C in (3, 300):
         H = _unit(C, D, seed=C)
         graph = label_graph(CooccurrenceStats(), [f"x{i}" for i in range(C)], H, cfg)
-        assert model(g, l, H, graph).logits.shape == (2, C)
+        assert model(batch, H, graph).logits.shape == (2, C)
     assert {n: tuple(p.shape) for n, p in model.named_parameters()} == shapes

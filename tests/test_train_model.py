@@ -37,7 +37,7 @@ def _test_scores(model, space, fashion_set, known=None):
     module = model.module.eval()
     graph = label_graph(model.stats, space.names, space.embeddings, module.cfg)
     with torch.no_grad():
-        return module(fashion_set["test"]["G"], fashion_set["test"]["L"], space.embeddings, graph, known).logits
+        return module(fashion_set["test"]["batch"], space.embeddings, graph, known).logits
 
 
 def _y(label_sets, names):
@@ -53,7 +53,7 @@ def trained(fashion_set, runtime, settings):
     examples, _ = _examples(fashion_set)
     space = runtime.label_space(fashion_set["classes"])
     records = []
-    result = train_model(examples, space, (fashion_set["train"]["G"], fashion_set["train"]["L"]), settings,
+    result = train_model(examples, space, fashion_set["train"]["batch"], settings,
                          backbone=runtime.backbone, train_cfg=FAST, progress=records.append, show_progress=False)
     return {"result": result, "space": space, "records": records, "examples": examples}
 
@@ -62,7 +62,8 @@ def test_short_training_beats_the_untrained_model(trained, fashion_set, runtime,
     space, result = trained["space"], trained["result"]
     y = _y(fashion_set["test"]["labels"], space.names)
     untrained = SigRL(runtime.backbone.dim, settings.model, runtime.backbone.zero_shot_scale,
-                      runtime.backbone.zero_shot_bias)
+                      runtime.backbone.zero_shot_bias, runtime.backbone.native_dim)
+    untrained.fit_feature_stats(fashion_set["train"]["batch"])
     from backend.model.checkpoint import TrainedModel
     from backend.model.cooccurrence import CooccurrenceStats
 
@@ -76,7 +77,7 @@ def test_short_training_beats_the_untrained_model(trained, fashion_set, runtime,
     # Progress: one dict per epoch for the worker's job.meta, then a summary.
     epochs = [r for r in trained["records"] if r["stage"] == "train"]
     assert [r["epoch"] for r in epochs] == list(range(1, len(epochs) + 1))
-    assert all({"loss", "val_map", "seconds", "epochs"} <= set(r) for r in epochs)
+    assert all({"loss", "val_auc", "seconds", "epochs"} <= set(r) for r in epochs)
     assert trained["records"][-1]["stage"] == "trained"
 
 
@@ -84,7 +85,7 @@ def test_training_is_deterministic_on_cpu(fashion_set, runtime, settings):
     examples, _ = _examples(fashion_set)
     space = runtime.label_space(fashion_set["classes"])
     cfg = FAST.model_copy(update={"epochs": 3, "patience": 3})
-    features = (fashion_set["train"]["G"], fashion_set["train"]["L"])
+    features = fashion_set["train"]["batch"]
     runs = [train_model(examples, space, features, settings, backbone=runtime.backbone, train_cfg=cfg,
                         seed=7, show_progress=False) for _ in range(2)]
     a, b = (r.model.module.state_dict() for r in runs)
@@ -179,7 +180,7 @@ def test_a_label_without_training_annotations_is_still_scored(fashion_set, runti
     examples, keep = _examples(fashion_set, drop=held)
     seen = [c for c in fashion_set["classes"] if c != held]
     result = train_model(examples, runtime.label_space(seen),
-                         (fashion_set["train"]["G"][keep], fashion_set["train"]["L"][keep]), settings,
+                         fashion_set["train"]["batch"][keep], settings,
                          backbone=runtime.backbone, train_cfg=FAST, show_progress=False)
     assert held not in result.model.labels and held not in result.model.stats.counts
     space = runtime.label_space(fashion_set["classes"])

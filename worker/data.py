@@ -205,25 +205,32 @@ def label_sets(examples: Sequence[Example]) -> list[list[str]]:
     return [e.positives for e in examples]
 
 
-def attach_features(examples: Sequence[Example], runtime, progress: bool | None = None):
+def attach_feature_batch(examples: Sequence[Example], runtime, progress: bool | None = None):
     """Fetch and encode (or read from the cache) every example's image.
 
-    Returns ``(kept examples with .key set, global [N, D], local [N, P, D], errors)`` where
-    errors are the :class:`ImageError` of the images that could not be used."""
-    import torch
+    Returns ``(kept examples with .key set, EncodedImages of every feature — native and
+    text-aligned — of the kept images, errors)`` where errors are the :class:`ImageError` of
+    the images that could not be used."""
+    from backend.features import stack_all
 
     feats = runtime.features_for([e.image for e in examples], [e.task_id for e in examples], progress=progress)
-    kept, globals_, locals_, errors = [], [], [], []
+    kept, good, errors = [], [], []
     for example, f in zip(examples, feats):
         if isinstance(f, ImageError):
             errors.append(f)
             continue
         example.key = f.key
         kept.append(example)
-        globals_.append(f.global_)
-        locals_.append(f.local)
+        good.append(f)
     if errors:
         log.warning("%d of %d images could not be used (first: %s)", len(errors), len(examples), errors[0])
     if not kept:
         raise ConfigError("no usable image among the examples" + (f" (first error: {errors[0]})" if errors else ""))
-    return kept, torch.stack(globals_), torch.stack(locals_), errors
+    return kept, stack_all(good), errors
+
+
+def attach_features(examples: Sequence[Example], runtime, progress: bool | None = None):
+    """:func:`attach_feature_batch` with the text-aligned features only:
+    ``(kept examples, global [N, D], local [N, P, D], errors)``."""
+    kept, batch, errors = attach_feature_batch(examples, runtime, progress)
+    return kept, batch.global_, batch.local, errors

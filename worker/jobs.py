@@ -401,7 +401,7 @@ def train_heads(ctx: TrainingContext) -> TrainingResult:
     evaluated on the held-out tasks together with the current version."""
     from backend.errors import ConfigError, ModelLoadError
     from backend.model import load_predictor, save_model
-    from worker.data import attach_features, examples_from_tasks
+    from worker.data import attach_feature_batch, examples_from_tasks
     from worker.train import train_model
 
     settings = ctx.settings
@@ -416,7 +416,7 @@ def train_heads(ctx: TrainingContext) -> TrainingResult:
     if not train_ex:
         raise PermanentJobError(f"no annotated image carries a label of the config ({report.to_dict()})")
     ctx.progress("features", images=len(train_ex) + len(hold_ex))
-    train_ex, G, L, errors = attach_features(train_ex, rt, progress=False)
+    train_ex, batch, errors = attach_feature_batch(train_ex, rt, progress=False)
 
     def on_epoch(info: dict) -> None:
         fields = {k: info[k] for k in ("epoch", "epochs", "loss") if k in info}
@@ -425,7 +425,7 @@ def train_heads(ctx: TrainingContext) -> TrainingResult:
         ctx.progress("training" if info.get("stage") == "train" and info.get("epoch") == 1 else None, **fields)
 
     try:
-        result = train_model(train_ex, space, (G, L), settings, backbone=rt.backbone, progress=on_epoch,
+        result = train_model(train_ex, space, batch, settings, backbone=rt.backbone, progress=on_epoch,
                              taxonomy=taxonomy, show_progress=False)
     except ConfigError as exc:
         raise PermanentJobError(str(exc)) from None

@@ -37,7 +37,8 @@ def create_backbone(settings=None, kind: str | None = None, text_cache=None) -> 
             if kind == "auto" and not oc.pretrained:
                 raise BackboneUnavailable("backbone.open_clip.pretrained is not set")
             backbone = OpenClipBackbone(
-                oc.model, oc.pretrained, cfg.device, cfg.network_probe_timeout_s, oc.model_configs
+                oc.model, oc.pretrained, cfg.device, cfg.network_probe_timeout_s, oc.model_configs,
+                image_fit=cfg.image_fit,
             )
         except BackboneUnavailable as exc:
             if kind == "open_clip":
@@ -59,7 +60,8 @@ def create_backbone(settings=None, kind: str | None = None, text_cache=None) -> 
 
     from .packaged import PackagedBackbone
 
-    backbone = PackagedBackbone(cfg.packaged, settings.prompts.templates, text_cache, cfg.device)
+    backbone = PackagedBackbone(cfg.packaged, settings.prompts.templates, text_cache, cfg.device,
+                                image_fit=cfg.image_fit)
     pk = cfg.packaged
     backbone.zero_shot_scale, backbone.zero_shot_bias = pk.zero_shot_scale, pk.zero_shot_bias
     backbone.selection_reason = reason

@@ -7,6 +7,10 @@ Local features:
   projections, location by location (as in MaskCLIP; P = (image_size / 32)²);
 - anything else: the global feature as a single location (P = 1), with a warning.
 
+A CLIP image tower's output space *is* the text-aligned space, so ``native_is_aligned`` is
+True: its native features are the aligned ones (stored once, and the heads' projection of
+native features starts from — and works in — that same space).
+
 Loading never waits on the network when offline (``HF_HUB_OFFLINE=1``): a hub tag is then
 only read from the local cache. Online, a short TCP probe of the weights host runs first,
 so an unreachable hub costs ``backbone.network_probe_timeout_s`` rather than minutes.
@@ -28,7 +32,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import BackboneUnavailable
-from .base import Backbone, resolve_device
+from ..features import EncodedImages
+from .base import IMAGE_FITS, Backbone, pad_to_square, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +119,8 @@ def _hf_cached(hf_hub: str) -> bool:
 
 
 class OpenClipBackbone(Backbone):
+    native_is_aligned = True
+
     def __init__(
         self,
         model: str,
@@ -121,8 +128,13 @@ class OpenClipBackbone(Backbone):
         device: str = "auto",
         probe_timeout: float = 2.0,
         model_configs: Sequence[str] = (),
+        image_fit: str = "pad",
     ):
         import open_clip
+
+        if image_fit not in IMAGE_FITS:
+            raise ValueError(f"backbone.image_fit must be one of {IMAGE_FITS}, not {image_fit!r}")
+        self.image_fit = image_fit
 
         for path in model_configs:  # model shapes live in config files, as in open_clip
             open_clip.add_model_config(os.path.expanduser(path))
@@ -146,7 +158,12 @@ class OpenClipBackbone(Backbone):
         self.name = f"open_clip:{model}/{weights}"
         visual = self.model.visual
         self.dim = int(self.encode_texts(["a"]).shape[-1])
-        self.feature_config = {"preprocess": repr(preprocess)}
+        self.native_dim = self.dim
+        pre = open_clip.get_model_preprocess_cfg(self.model)
+        size = pre.get("size", visual.image_size)
+        self._image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self._mean = tuple(pre.get("mean") or open_clip.OPENAI_DATASET_MEAN)
+        self.feature_config = {"preprocess": repr(preprocess), "image_fit": image_fit}
         self._local_kind = self._detect_local_kind(visual)
         if self._local_kind == "global":
             log.warning("open_clip %s: no patch features for this vision tower; using P=1", model)
@@ -163,10 +180,12 @@ class OpenClipBackbone(Backbone):
         return "global"
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
+        if self.image_fit == "pad":  # whole image: open_clip's resize and crop are then no-ops
+            image = pad_to_square(image, self._image_size, self._mean)
         return self._preprocess(image)
 
     @torch.inference_mode()
-    def encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_pixels(self, pixels: torch.Tensor) -> EncodedImages:
         visual = self.model.visual
         if self._local_kind == "vit":
             visual.output_tokens = True
@@ -188,7 +207,8 @@ class OpenClipBackbone(Backbone):
         else:
             pooled = self.model.encode_image(pixels)
             local = pooled[:, None, :]
-        return F.normalize(pooled.float(), dim=-1), F.normalize(local.float(), dim=-1)
+        global_, local = F.normalize(pooled.float(), dim=-1), F.normalize(local.float(), dim=-1)
+        return EncodedImages.aligned_only(global_, local)
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:

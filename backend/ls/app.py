@@ -277,7 +277,7 @@ def create_app(settings=None, *, runtime=None, redis=_AUTO, served=None, backgro
                                project, guard.clip(hostname, 120))
             hostname = token = None
         service.remember_setup(project, hostname, token)
-        version = service.predictor(project).version
+        version = service.model_version(project)
         if webhook_auth is not None:
             webhook_auth.ensure(project, service.connection(project), request.host)
         return jsonify({"model_version": version})
@@ -349,7 +349,7 @@ def create_app(settings=None, *, runtime=None, redis=_AUTO, served=None, backgro
         if not service.ready:
             return _error("the model is still loading", 503)
         return jsonify({"versions": service.versions(project),
-                        "model_version": service.predictor(project).version if project else
+                        "model_version": service.model_version(project) if project else
                         service.zero_shot_version})
 
     @app.route("/train", methods=["POST"])

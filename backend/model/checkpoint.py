@@ -7,6 +7,10 @@ A model directory is self-contained (the model store versions whole directories)
                           labels seen in training, co-occurrence counts (by name), loss and
                           training settings, seed, taxonomy (parent map) when one was used,
                           training summary (counts, seconds, epochs)
+                          and the per-label calibrations fitted on held-out data
+                          (``calibration.visual``: image-only outputs; ``.conditional``:
+                          outputs given known labels; :mod:`.calibration`) — served
+                          probabilities go through them
     metrics.json          held-out metrics (``mAP`` first; the store's gate reads it)
 
 ``model_id`` is a hash of the weights and of ``model.json`` (without the id), so two
@@ -24,12 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ModelLoadError
+from .calibration import Calibration
 from .config import ModelSettings
 from .cooccurrence import CooccurrenceStats
 from .sigrl import SigRL
 
 FORMAT = "semlabel-sigrl"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: native-feature projection, calibration.json
 WEIGHTS = "weights.safetensors"
 MODEL_JSON = "model.json"
 METRICS_JSON = "metrics.json"
@@ -47,6 +52,8 @@ class TrainedModel:
     summary: dict = field(default_factory=dict)
     taxonomy: dict | None = None  # parent map of backend.labels.Taxonomy
     model_id: str = ""
+    # "visual" (and "conditional" when the known-label expert is active) → Calibration
+    calibration: dict[str, Calibration] = field(default_factory=dict)
 
     @property
     def config(self) -> ModelSettings:
@@ -83,6 +90,7 @@ def save_model(model: TrainedModel, out_dir: str | os.PathLike, metrics: dict | 
         "seed": model.seed,
         "taxonomy": model.taxonomy,
         "summary": model.summary,
+        "calibration": {k: c.to_json() for k, c in sorted(model.calibration.items())},
     }
     model.model_id = hashlib.sha256(_canonical(payload)).hexdigest()[:12]
     payload["model_id"] = model.model_id
@@ -140,6 +148,8 @@ def load_model(model_dir: str | os.PathLike, expected_fingerprint: str | None = 
         cfg = ModelSettings(**arch)
         stats = CooccurrenceStats.from_json(payload["cooccurrence"])
         labels = [str(n) for n in payload["labels"]]
+        native_dim = int(backbone.get("native_dim") or dim)
+        calibration = {str(k): Calibration.from_json(v) for k, v in (payload.get("calibration") or {}).items()}
     except ModelLoadError:
         raise
     except (KeyError, TypeError, ValueError) as exc:
@@ -155,7 +165,7 @@ def load_model(model_dir: str | os.PathLike, expected_fingerprint: str | None = 
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelLoadError(f"{weights}: unreadable ({exc})") from exc
-    module = SigRL(dim, cfg, 1.0, 0.0)
+    module = SigRL(dim, cfg, 1.0, 0.0, native_dim)
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -172,4 +182,6 @@ def load_model(model_dir: str | os.PathLike, expected_fingerprint: str | None = 
         summary=payload.get("summary") or {},
         taxonomy=payload.get("taxonomy"),
         model_id=str(payload.get("model_id") or ""),
+        calibration=calibration,
     )
+

@@ -20,9 +20,13 @@ class _Section(BaseModel):
 class ModelSettings(_Section):
     """Architecture of the heads (see ``backend/model/sigrl.py``)."""
 
-    # Visual adapter: zero-initialised residual MLP on standardised global/local features.
+    # Projection of the backbone's native features into the label space (NativeProjection):
+    # a zero-initialised linear map plus an optional residual MLP (adapter_hidden, 0: none) on
+    # standardised features, reduced first to their top-r principal directions (0: all).
     adapter_hidden: int = Field(128, ge=0)
     adapter_dropout: float = Field(0.3, ge=0.0, lt=1.0)
+    native_global_rank: int = Field(0, ge=0)
+    native_local_rank: int = Field(128, ge=0)
     # GMC: two GATv2 layers over the label graph.
     use_gmc: bool = True
     gat_heads: int = Field(4, ge=1)
@@ -65,6 +69,25 @@ class LossSettings(_Section):
     conditional_kind: Literal["an_ls", "em", "em_pl"] = "an_ls"
 
 
+class CalibrationSettings(_Section):
+    """Per-label calibration of trained outputs (``backend/model/calibration.py``)."""
+
+    # Pseudo-count of the shrinkage of a label's calibration towards the shared one: a label
+    # with n held-out observed positives gets weight n / (n + shrinkage) on its own fit.
+    shrinkage: float = Field(20.0, ge=0.0)
+    # Observation rate (share of present labels an annotator chooses): its floor, and the
+    # pseudo-count of its shrinkage towards the shared rate (larger: a rate is weakly
+    # identified per label, and a property of how a project is annotated more than of a label).
+    min_observation_rate: float = Field(0.05, gt=0.0, le=1.0)
+    rate_shrinkage: float = Field(200.0, ge=0.0)
+    # L2 pull of the slope/offset towards 1/0 (in units of held-out images), so few data
+    # cannot produce extreme calibrations.
+    prior_strength: float = Field(1.0, ge=0.0)
+    iterations: int = Field(200, ge=10)
+    # Known-label (conditional) outputs: held-out positives given as known per image, in turns.
+    conditional_samples: int = Field(2, ge=1)
+
+
 class TrainSettings(_Section):
     lr: float = Field(2e-3, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
@@ -72,6 +95,15 @@ class TrainSettings(_Section):
     batch_size: int = Field(64, ge=1)
     patience: int = Field(8, ge=1)
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    # At least this many validation images whenever there are 2x as many examples (small
+    # projects still get a held-out check, calibration and shrinkage towards zero-shot).
+    min_val_images: int = Field(8, ge=0)
+    # Weights of the trained heads against the zero-shot model tried on held-out data
+    # (z = w z_heads + (1 - w) z_zero_shot); the best held-out score wins, ties to larger w.
+    shrink_weights: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    # Minimum number of training images with known labels sampled before the known-label
+    # expert is used at inference (below it the expert contributes nothing).
+    min_known_samples: int = Field(20, ge=0)
     seed: int = 0
     known_rate: float = Field(0.5, ge=0.0, le=1.0)
     # Exponential moving average of the weights (per step); validation and the saved model
@@ -109,3 +141,8 @@ class BenchSettings(_Section):
     class_temperature: float = Field(16.0, gt=0.0)
     timing_repeats: int = Field(3, ge=1)
     recall_k: int = Field(3, ge=1)
+    unseen_labels: list[str] = ["Sandal", "Coat"]
+    ece_bins: int = Field(15, ge=2)
+    ece_binning: Literal["equal_mass", "equal_width"] = "equal_mass"
+    probe_lr: list[float] = [0.002, 0.01, 0.05]
+    probe_weight_decay: list[float] = [0.0001, 0.01, 0.1]

@@ -2,8 +2,16 @@
 
 ``load_predictor(model_dir, runtime)`` is what the backend and the model store call. The
 predictor scores any label space: labels seen in training, and labels added later (scored
-from their text embedding through GMC/SVFR, with zero co-occurrence counts). Per label space
-it caches the GMC output and the known-label matrix, so serving costs the visual heads only.
+from their text embedding through the trained projection, GMC and SVFR, with zero
+co-occurrence counts). Per label space it caches the GMC output and the known-label matrix,
+so serving costs the visual heads only.
+
+Probabilities are *calibrated*: the heads' logits go through the model's per-label
+calibration (:mod:`.calibration`; labels it does not know get its shared map) — the
+image-only map without known labels, the conditional map with them.
+
+Tensor-level access (benchmarks, evaluation): :meth:`SigRLPredictor.scores` of an
+:class:`~backend.features.EncodedImages` batch.
 """
 
 from __future__ import annotations
@@ -14,11 +22,26 @@ from typing import Sequence
 
 import torch
 
-from ..features import Features, stack
+from dataclasses import dataclass
+
+from ..features import EncodedImages, Features, stack_all
 from ..labels import LabelSpace, Taxonomy
+from .calibration import Calibration
 from .checkpoint import TrainedModel, load_model
 from .predictor import Predictor, Reasons, Suggestion, known_mask, text_neighbours
 from .sigrl import label_graph
+
+
+@dataclass
+class Scores:
+    """Scores of a batch ``[B, C]``: raw logits of the heads and calibrated probabilities,
+    image-only (``visual``) and given the known labels (``conditional``; = visual without
+    known labels, or while the known-label expert is inactive)."""
+
+    visual_logits: torch.Tensor
+    conditional_logits: torch.Tensor
+    visual: torch.Tensor
+    conditional: torch.Tensor
 
 
 class SigRLPredictor(Predictor):
@@ -73,31 +96,53 @@ class SigRLPredictor(Predictor):
         return entry
 
     # -- scores ------------------------------------------------------------------------
+    @property
+    def visual_calibration(self) -> Calibration:
+        return self.model.calibration.get("visual") or Calibration.identity()
+
+    @property
+    def conditional_calibration(self) -> Calibration:
+        return self.model.calibration.get("conditional") or self.visual_calibration
+
     @torch.inference_mode()
-    def logits(self, features: Sequence[Features], space: LabelSpace, known=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(visual logits ``[B, C]``, logits given the known labels ``[B, C]``)."""
+    def scores(self, batch: EncodedImages, space: LabelSpace, known: torch.Tensor | None = None) -> Scores:
+        """:class:`Scores` of a feature batch; ``known [B, C]`` 0/1 (aligned to ``space``)."""
         graph, H, S = self.prepare(space)
-        mask = known_mask(space, known, len(features)) if known is not None else None
         visual, conditional = [], []
-        for start in range(0, len(features), self.batch_size):
-            g, l = stack(features[start : start + self.batch_size])
-            k = mask[start : start + self.batch_size].to(self.device) if mask is not None else None
-            out = self.module.score(g.to(self.device), l.to(self.device), H, graph, k, S)
-            visual.append(out.visual_logits.cpu())
-            conditional.append(out.logits.cpu())
-        return torch.cat(visual), torch.cat(conditional)
+        for start in range(0, len(batch), self.batch_size):
+            part = batch[start : start + self.batch_size].to(self.device)
+            k = known[start : start + self.batch_size].to(self.device) if known is not None else None
+            out = self.module.score(part, H, graph, k, S, embeddings=space.embeddings.to(self.device))
+            visual.append(out.visual_logits.float().cpu())
+            conditional.append(out.logits.float().cpu())
+        vz = torch.cat(visual) if visual else torch.zeros(0, len(space))
+        cz = torch.cat(conditional) if conditional else torch.zeros(0, len(space))
+        vp = self.visual_calibration.probabilities(vz, space.names)
+        has = (known.sum(1, keepdim=True) > 0) if known is not None else torch.zeros(len(vz), 1, dtype=torch.bool)
+        active = bool(float(self.module.known_active) > 0)
+        cp = torch.where(has & active, self.conditional_calibration.probabilities(cz, space.names), vp)
+        return Scores(vz, cz, vp, cp)
+
+    def logits(self, features: Sequence[Features], space: LabelSpace, known=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(visual logits ``[B, C]``, logits given the known labels ``[B, C]``), uncalibrated."""
+        out = self._scores(features, space, known)
+        return out.visual_logits, out.conditional_logits
+
+    def _scores(self, features, space, known) -> Scores:
+        mask = known_mask(space, known, len(features)) if known is not None else None
+        return self.scores(stack_all(features), space, mask)
 
     def probabilities(self, features, space, known=None):
+        """Calibrated ``P(label present)`` ``[B, C]`` (given ``known`` labels when given)."""
         if not features:
             return torch.zeros(0, len(space))
-        _, conditional = self.logits(features, space, known)
-        return torch.sigmoid(conditional)
+        return self._scores(features, space, known).conditional
 
     def suggest(self, features, space, known, top_k, min_probability=0.0):
         if not features:
             return []
-        visual_z, cond_z = self.logits(features, space, known)
-        visual, probs = torch.sigmoid(visual_z), torch.sigmoid(cond_z)
+        out_scores = self._scores(features, space, known)
+        visual, probs = out_scores.visual, out_scores.conditional
         zero_shot = self.zero_shot.probabilities(features, space) if self.zero_shot is not None else None
         mask = known_mask(space, known, len(features)).bool()
         cond = self.prepare(space)[0].cond.cpu()  # cond[j, c] = P(c | j), observed

@@ -7,27 +7,34 @@ edges and zero co-occurrence counts).
 
 Pieces (each can be switched off for ablations, ``configs: model``):
 
-- **visual adapter**: features are standardised with statistics of the training features
-  (buffers), passed through a residual MLP whose last layer starts at zero:
-  ``g' = normalise(g + MLP(std(g)))``, likewise for every local feature;
+- **native projection** (:class:`NativeProjection`): the backbone's native features
+  (pooled ``[N]`` and per location ``[P, N]``), standardised with statistics of the training
+  features, are projected into the label-embedding space, residually on the text-aligned
+  features: ``g' = normalise(g + W std(n) + MLP(std(n)))`` with ``W`` and the MLP's last
+  layer zero at first (likewise for every location); for a backbone whose native space is
+  the aligned one, ``n = g``;
 - **GMC** (:mod:`.gmc`): ``Ĥ = GMC(H, graph)``;
 - **SVFR** (:mod:`.svfr`): the similarity ``s [B, C]`` from global, local top-k and
   label-specific features, plus a reconstruction loss. Without SVFR, ``s = ⟨g', ĥ_c⟩``;
 - **calibration**: ``z_c = e^{σ} (s_c − s_0) + b + ⟨w_b, ĥ_c⟩``, with ``e^{σ}`` and ``s_0`` the
   backbone's zero-shot calibration and ``b = 0``, ``w_b = 0`` at first, so a fresh model *is*
-  the zero-shot model (training moves ``b`` to the label density first);
+  the zero-shot model (training moves ``b`` to the label density first). After training the
+  heads may be shrunk towards that zero-shot model, ``z = w z_heads + (1 − w) z_zero-shot``
+  (``heads_weight``, chosen on held-out data; see ``worker/train.py``);
 - **known labels** K (chosen by the annotator): a product of experts. A co-occurrence expert
   predicts each label from the known labels alone, ``u_c = b + mean_{j∈K} ⟨W ĥ_j, ĥ_c⟩ +
   γ_1 mean_{j∈K} P(c|j) + γ_2 log mean_{j∈K} P̂(c|j)`` — a learnable compatibility through the
   GMC output plus the co-occurrence counts (``P̂(c|j) = (M_jc + P̂(c)) / (N_j + 1)``,
   ``P̂(c) = (N_c + 1) / (n + 2)``) — and the visual logit is moved by its evidence beyond the
-  prior: ``z_c += u_c − logit P̂(c)`` (0 for labels without counts). The expert is trained on
+  prior: ``z_c += u_c − logit P̂(c)`` (0 for labels without counts, and 0 altogether while
+  ``known_active`` is 0: an expert that training never saw — single-positive data has no
+  image with two chosen labels — contributes nothing). The expert is trained on
   its own (from the known labels to the other chosen labels, counts leaving the training
   image out), so it never learns to correct the visual model's in-sample confidence. With no
   known labels the model is the visual model;
-- **labels without training annotations** are scored through the trained heads on the
-  backbone's unadapted features (:meth:`SigRL.score_unseen`), so an added label keeps its
-  zero-shot quality instead of inheriting an adaptation made for other labels.
+- **labels without training annotations** are scored through the trained projection, GMC
+  and SVFR from their text embedding, optionally mixed with the unprojected path
+  (:meth:`SigRL.score_unseen`, ``unseen_raw_weight``).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..features import EncodedImages
 from .config import ModelSettings
 from .gmc import GMC, LabelGraph
 from .svfr import SVFR
@@ -61,30 +69,62 @@ class FeatureNorm(nn.Module):
         return (x - self.mean) / self.std
 
 
-class Adapter(nn.Module):
-    """``normalise(x + MLP(std(x)))`` with the MLP's last layer at zero."""
+class NativeProjection(nn.Module):
+    """The learned map from a backbone's native features into the label-embedding space,
+    residual on the text-aligned features it starts from:
 
-    def __init__(self, dim: int, hidden: int, dropout: float):
+    ``x' = normalise(x + W z + MLP(z))``, ``z = B^T std(n)``,
+
+    with ``x [.., D]`` the aligned feature, ``n [.., N]`` the native one, ``std`` a fixed
+    standardisation, ``B [N, r]`` a fixed orthonormal basis of the top-``r`` principal
+    directions of the standardised training features (identity when ``rank`` is 0, or not
+    fitted), ``W [D, r]`` and the MLP's last layer zero at first — so a fresh projection returns
+    ``x`` and the heads start as the zero-shot model. ``W`` alone makes the heads at least a
+    linear probe on the native features (its rows for label c are ``ĥ_c^T W``).
+    """
+
+    def __init__(self, native_dim: int, dim: int, hidden: int, dropout: float, rank: int = 0):
         super().__init__()
-        self.norm = FeatureNorm(dim)
+        self.norm = FeatureNorm(native_dim)
+        self.rank = int(rank) if 0 < rank < native_dim else 0
+        width = self.rank or native_dim
+        if self.rank:
+            self.register_buffer("basis", torch.eye(native_dim)[:, : self.rank].clone())
+        self.width = width
+        self.linear = nn.Linear(width, dim)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
         self.hidden = hidden
         if hidden > 0:
-            self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
+            self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
             nn.init.zeros_(self.mlp[-1].weight)
             nn.init.zeros_(self.mlp[-1].bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_hidden(x)[0]
+    @torch.no_grad()
+    def fit(self, native: torch.Tensor, max_rows: int = 200_000) -> None:
+        """Standardisation statistics (and the principal basis) of training features."""
+        flat = native.reshape(-1, native.shape[-1]).float()
+        if flat.shape[0] > max_rows:
+            flat = flat[torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(0))[:max_rows]]
+        self.norm.fit(flat)
+        if self.rank:
+            z = self.norm(flat)
+            # top-r right singular vectors of the standardised (centred) features
+            _, _, V = torch.linalg.svd(z - z.mean(0), full_matrices=False)
+            self.basis.copy_(V[: self.rank].T)
 
-    def forward_with_hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(adapted features, the MLP's hidden activation or None)."""
-        if self.hidden <= 0:
-            return x, None
-        first = self.mlp[0]
-        # The standardisation folded into the first layer: W (x − μ)/σ = (W/σ) x − (W/σ) μ.
-        weight = first.weight / self.norm.std
-        h = self.mlp[2](self.mlp[1](F.linear(x, weight, first.bias - weight @ self.norm.mean)))
-        return F.normalize(x + self.mlp[3](h), dim=-1), h
+    def reduced(self, native: torch.Tensor) -> torch.Tensor:
+        """``z [.., width]``: the standardised native features in the projection's basis."""
+        z = self.norm(native)
+        return z @ self.basis if self.rank else z
+
+    def forward(self, aligned: torch.Tensor, native: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(projected features ``[.., D]``, L2-normalised; the reduced native input ``z``)."""
+        z = self.reduced(native)
+        delta = self.linear(z)
+        if self.hidden > 0:
+            delta = delta + self.mlp(z)
+        return F.normalize(aligned + delta, dim=-1), z
 
 
 @dataclass
@@ -97,15 +137,19 @@ class SigRLOutput:
 
 
 class SigRL(nn.Module):
-    def __init__(self, dim: int, cfg: ModelSettings, zero_shot_scale: float, zero_shot_bias: float):
+    def __init__(self, dim: int, cfg: ModelSettings, zero_shot_scale: float, zero_shot_bias: float,
+                 native_dim: int | None = None):
         super().__init__()
         self.dim = dim
+        self.native_dim = int(native_dim or dim)
         self.cfg = cfg
-        self.global_adapter = Adapter(dim, cfg.adapter_hidden, cfg.adapter_dropout)
-        self.local_adapter = Adapter(dim, cfg.adapter_hidden, cfg.adapter_dropout)
+        self.global_projection = NativeProjection(self.native_dim, dim, cfg.adapter_hidden, cfg.adapter_dropout,
+                                                  cfg.native_global_rank)
+        self.local_projection = NativeProjection(self.native_dim, dim, cfg.adapter_hidden, cfg.adapter_dropout,
+                                                 cfg.native_local_rank)
         self.gmc = GMC(dim, cfg.gat_hidden, cfg.gat_heads, cfg.dropout) if cfg.use_gmc else None
         self.svfr = (
-            SVFR(dim, cfg.attn_dim, cfg.adapter_hidden or None, cfg.local_top_k, cfg.global_weight,
+            SVFR(dim, cfg.attn_dim, self.local_projection.width, cfg.local_top_k, cfg.global_weight,
                  cfg.recon_temperature, cfg.chunk_size)
             if cfg.use_svfr
             else None
@@ -115,6 +159,14 @@ class SigRL(nn.Module):
         self.register_buffer("centre", torch.tensor(float(zero_shot_bias)))
         self.bias = nn.Parameter(torch.zeros(()))
         self.label_bias = nn.Parameter(torch.zeros(dim))
+        # The zero-shot model the heads start from (its scale and offset), and the weight of
+        # the trained heads against it: z = w·z_heads + (1 − w)·z_zero-shot (w = 1: no shrinkage).
+        self.register_buffer("zs_scale", torch.tensor(float(zero_shot_scale)))
+        self.register_buffer("zs_offset", torch.zeros(()))
+        self.register_buffer("heads_weight", torch.ones(()))
+        # 1 once the known-label expert has been trained; 0 (fresh, or training data without
+        # an image with two chosen labels): known labels change nothing.
+        self.register_buffer("known_active", torch.zeros(()))
         if cfg.use_known:
             self.compat = nn.Linear(dim, dim, bias=False)
             nn.init.zeros_(self.compat.weight)
@@ -123,9 +175,15 @@ class SigRL(nn.Module):
             self.cooc_bias = nn.Parameter(torch.zeros(()))
 
     # -- pieces ----------------------------------------------------------------------------
-    def fit_feature_stats(self, global_: torch.Tensor, local: torch.Tensor) -> None:
-        self.global_adapter.norm.fit(global_)
-        self.local_adapter.norm.fit(local)
+    def fit_feature_stats(self, features: EncodedImages) -> None:
+        """Standardisation (and principal bases) of the native features, from training data."""
+        self.global_projection.fit(features.native_global)
+        self.local_projection.fit(features.native_local)
+
+    def set_zero_shot_offset(self) -> None:
+        """Remember the current offset as the zero-shot model's (after the density shift)."""
+        with torch.no_grad():
+            self.zs_offset.copy_(self.bias.detach())
 
     def label_embeddings(self, embeddings: torch.Tensor, graph: LabelGraph) -> torch.Tensor:
         """``Ĥ [C, D]``: the GMC output (the text embeddings themselves without GMC)."""
@@ -171,44 +229,64 @@ class SigRL(nn.Module):
             return (graph.counts + 1.0) / (graph.n_images + 2.0)
         return (graph.counts[None, :] - y + 1.0) / (graph.n_images - in_counts + 2.0)
 
-    def known_term(self, known, S, graph: LabelGraph, targets=None, cooc=None):
+    def known_term(self, known, S, graph: LabelGraph, targets=None, cooc=None, force: bool = False):
         """``[B, C]`` logit change given ``known [B, C]`` (0/1): the product of the visual
         expert and the co-occurrence expert, ``z_c += cooc_c − logit P̂(c)`` (0 for images
-        without known labels and for labels without counts)."""
+        without known labels, for labels without counts, and while the expert is untrained —
+        ``known_active = 0``; ``force`` applies it anyway, for training it)."""
         if cooc is None:
             cooc = self.cooc_logits(known, S, graph, targets)
         has = (known.sum(1, keepdim=True) > 0).to(cooc.dtype)
+        if not force:
+            has = has * self.known_active
         if graph.counts is None:
             return cooc * has
         prior = self.count_prior(graph).clamp(1e-6, 1 - 1e-6)
         seen = graph.seen.to(cooc.dtype)[None, :]
         return (cooc - torch.logit(prior)[None, :]) * has * seen
 
-    def visual(self, global_, local, label_embeddings, chunk_size=None, adapt: bool = True):
-        """(logits ``[B, C]``, reconstruction loss). ``adapt=False`` scores the backbone's own
-        features (no residual adaptation) with the trained heads: the path for labels
-        without training annotations."""
-        g = self.global_adapter(global_) if adapt else global_
+    def project(self, features: EncodedImages) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(global ``[B, D]``, local ``[B, P, D]`` in the label-embedding space, the reduced
+        native local features ``[B, P, r]`` that key SVFR's attention)."""
+        g, _ = self.global_projection(features.global_, features.native_global)
+        l, keys = self.local_projection(features.local, features.native_local)
+        return g, l, keys
+
+    def visual(self, features: EncodedImages, label_embeddings, chunk_size=None, adapt: bool = True):
+        """(logits ``[B, C]``, reconstruction loss). ``adapt=False`` scores the text-aligned
+        features themselves (no projection of native features) with the trained heads."""
+        if adapt:
+            g, l, keys = self.project(features)
+        else:
+            g, l = features.global_, features.local
+            keys = self.local_projection.reduced(features.native_local)
         if self.svfr is not None:
-            l, hidden = self.local_adapter.forward_with_hidden(local)
-            if not adapt:
-                l = local
-            out = self.svfr(g, l, label_embeddings, target=local, chunk_size=chunk_size, key_input=hidden)
+            out = self.svfr(g, l, label_embeddings, target=features.local, chunk_size=chunk_size, key_input=keys)
             sim, recon = out.similarity, out.reconstruction_loss
         else:
             sim, recon = g @ label_embeddings.T, g.new_zeros(())
         offset = self.bias + label_embeddings @ self.label_bias  # [C]
         return self.log_scale.exp() * (sim - self.centre) + offset[None, :], recon
 
-    def score_unseen(self, visual, global_, local, H, seen, chunk_size=None):
-        """Labels never annotated in training get ``(1 − w)·z_adapted + w·z_unadapted``
-        (``w = unseen_raw_weight``): the trained GMC/SVFR heads on the backbone's own features,
-        whose text alignment the adapter was not trained to keep for other labels."""
+    def zero_shot_logits(self, features: EncodedImages, embeddings: torch.Tensor) -> torch.Tensor:
+        """The logits of the zero-shot model the heads started from ``[B, C]``."""
+        from .zeroshot import similarity
+
+        s = similarity(features.global_, features.local, F.normalize(embeddings, dim=-1),
+                       self.cfg.global_weight, self.cfg.local_top_k)
+        return self.zs_scale * (s - self.centre) + self.zs_offset
+
+    def score_unseen(self, visual, features: EncodedImages, H, seen, chunk_size=None):
+        """Labels never annotated in training get ``(1 − w)·z_projected + w·z_aligned``
+        (``w = unseen_raw_weight``). With ``w < 1`` they are scored through the trained
+        projection and GMC: a new label gains from the visual evidence learnt for the
+        trained labels it is related to (its GMC embedding gathers from them, and the
+        projection moved images towards their embeddings)."""
         w = float(self.cfg.unseen_raw_weight)
         unseen = (~seen.bool()).nonzero().flatten()
         if w <= 0 or unseen.numel() == 0:
             return visual
-        raw, _ = self.visual(global_, local, H[unseen], chunk_size, adapt=False)
+        raw, _ = self.visual(features, H[unseen], chunk_size, adapt=False)
         visual = visual.clone()
         visual[:, unseen] = (1.0 - w) * visual[:, unseen] + w * raw
         return visual
@@ -216,36 +294,44 @@ class SigRL(nn.Module):
     # -- forward ---------------------------------------------------------------------------
     def forward(
         self,
-        global_: torch.Tensor,
-        local: torch.Tensor,
+        features: EncodedImages,
         embeddings: torch.Tensor,
         graph: LabelGraph,
         known: torch.Tensor | None = None,
         chunk_size: int | None = None,
         targets: torch.Tensor | None = None,
+        train_known: bool = False,
     ) -> SigRLOutput:
-        """Logits of images (``global_ [B, D]``, ``local [B, P, D]``) for labels with text
+        """Logits of images (:class:`~backend.features.EncodedImages`) for labels with text
         embeddings ``[C, D]`` and their graph; ``known [B, C]`` 0/1 labels already chosen;
         ``targets``: the images' annotated labels when they are in the graph's counts
         (training; see :meth:`known_term`). Labels the graph marks unseen go through
         :meth:`score_unseen`."""
         H = self.label_embeddings(embeddings, graph)
         S = self.known_matrix(H, graph) if known is not None else None
-        return self.score(global_, local, H, graph, known, S, chunk_size, targets)
+        return self.score(features, H, graph, known, S, chunk_size, targets, embeddings=embeddings,
+                          train_known=train_known)
 
-    def score(self, global_, local, H, graph: LabelGraph, known=None, S=None, chunk_size=None,
-              targets=None) -> SigRLOutput:
+    def score(self, features: EncodedImages, H, graph: LabelGraph, known=None, S=None, chunk_size=None,
+              targets=None, embeddings=None, train_known: bool = False) -> SigRLOutput:
         """The heads given the GMC output ``H`` (and known-label matrix ``S``) of a label
-        space — what :meth:`forward` does after GMC; the predictor caches ``H`` and ``S``."""
-        visual, recon = self.visual(global_, local, H, chunk_size)
+        space — what :meth:`forward` does after GMC; the predictor caches ``H`` and ``S``.
+        ``embeddings``: the label text embeddings (needed when the heads are shrunk towards
+        the zero-shot model, ``heads_weight < 1``)."""
+        visual, recon = self.visual(features, H, chunk_size)
         if graph.seen is not None:
-            visual = self.score_unseen(visual, global_, local, H, graph.seen, chunk_size)
+            visual = self.score_unseen(visual, features, H, graph.seen, chunk_size)
+        if float(self.heads_weight) < 1.0:
+            if embeddings is None:
+                raise ValueError("heads shrunk towards zero-shot need the label text embeddings")
+            w = self.heads_weight
+            visual = w * visual + (1.0 - w) * self.zero_shot_logits(features, embeddings)
         logits = visual
         if known is not None and self.cfg.use_known:
             if S is None:
                 S = self.known_matrix(H, graph)
             cooc = self.cooc_logits(known, S, graph, targets)
-            logits = visual + self.known_term(known, S, graph, targets, cooc)
+            logits = visual + self.known_term(known, S, graph, targets, cooc, force=train_known)
             return SigRLOutput(logits, visual, recon, H, cooc)
         return SigRLOutput(logits, visual, recon, H)
 

@@ -91,7 +91,7 @@ def train_cmd(export_path, out_dir, labels, label_config, images_root, taxonomy,
     """Train the SigRL heads on a Label Studio export; write MODEL_DIR."""
     from backend.model.checkpoint import save_model
     from backend.runtime import Runtime
-    from worker.data import attach_features, examples_from_tasks, read_export
+    from worker.data import attach_feature_batch, examples_from_tasks, read_export
     from worker.train import train_model
 
     label_list, from_name, image_field = _labels(labels, label_config)
@@ -106,9 +106,9 @@ def train_cmd(export_path, out_dir, labels, label_config, images_root, taxonomy,
     if not examples:
         raise ConfigError(f"{export_path}: no task with a chosen label of the label set ({report.to_dict()})")
     runtime = Runtime.create(backbone_kind=backbone)
-    examples, G, L, errors = attach_features(examples, runtime)
+    examples, batch, errors = attach_feature_batch(examples, runtime)
     space = runtime.label_space(label_list, tax)
-    result = train_model(examples, space, (G, L), runtime.settings, backbone=runtime.backbone, seed=seed,
+    result = train_model(examples, space, batch, runtime.settings, backbone=runtime.backbone, seed=seed,
                          progress=_echo_progress, taxonomy=tax)
     save_model(result.model, out_dir, metrics=result.metrics)
     click.echo(json.dumps({
@@ -135,7 +135,7 @@ def eval_cmd(export_path, model_dir, labels, label_config, images_root, taxonomy
     from backend.labels import Taxonomy
     from backend.model.serving import load_predictor
     from backend.runtime import Runtime
-    from worker.data import attach_features, examples_from_tasks, read_export
+    from worker.data import attach_feature_batch, examples_from_tasks, read_export
     from worker.evaluate import evaluate_features
 
     runtime = Runtime.create(backbone_kind=backbone)
@@ -153,10 +153,8 @@ def eval_cmd(export_path, model_dir, labels, label_config, images_root, taxonomy
     )
     if not examples:
         raise ConfigError(f"{export_path}: no task with a chosen label of the label set")
-    examples, G, L, errors = attach_features(examples, runtime)
-    from backend.features import Features
-
-    features = [Features(e.key, g, l) for e, g, l in zip(examples, G, L)]
+    examples, _, errors = attach_feature_batch(examples, runtime)
+    features = runtime.features.load_features([e.key for e in examples])
     space = runtime.label_space(label_list, tax)
     seed = runtime.settings.bench.hidden_seed if hidden_seed is None else hidden_seed
     result = evaluate_features(predictor, features, [e.positives for e in examples], space,

@@ -1,0 +1,282 @@
+"""Calibration of label scores from partial annotations, and the observation-rate model.
+
+Annotators leave labels out: a label that is present is *chosen* with probability ``c_k``
+(its observation rate), independently of the image given the label (SCAR, "selected
+completely at random"). For a score ``z`` (a logit of the heads, or a zero-shot
+similarity) the calibrated probability that label k is present is a per-label logistic map
+and the probability that it was chosen is that times ``c_k``:
+
+.. math::
+
+    P(y_k = 1 \\mid z) = \\sigma(a_k z + b_k), \\qquad
+    P(o_k = 1 \\mid z) = c_k \\, \\sigma(a_k z + b_k).
+
+``(a_k, b_k, c_k)`` are fitted by maximum likelihood of the *observed* labels ``o`` of
+held-out images (never the ones the scores were trained on). ``c_k`` is identifiable because
+``σ`` saturates at 1: images the scores are sure about show how often a present label is
+chosen — the same information Elkan & Noto (2008) read off as ``c = E[g(x) | o = 1]``, whose
+estimate initialises the fit; unlike that estimator the joint fit is not biased low when the
+positives are not perfectly separable. Rare labels are shrunk towards a shared calibration
+``(a, b, c)`` fitted on all labels at once: label k keeps ``n_k / (n_k + κ)`` of its own fit
+(``n_k`` its held-out observed positives, ``κ`` = ``calibration.shrinkage``), so a label
+with few held-out positives keeps close to the shared map and a label never seen in
+held-out data uses it exactly.
+
+Shapes: ``scores [n, C]``, ``observed [n, C]`` (0/1), ``mask [n, C]`` (1: the entry counts;
+0 e.g. for labels given to the model as known). Everything here is plain torch, CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+_EPS = 1e-6
+
+
+@dataclass
+class Calibration:
+    """Per-label logistic maps ``p = σ(a_k z + b_k)`` and observation rates ``c_k``, by label
+    name; ``shared`` is the map (and rate) of labels without their own fit."""
+
+    names: list[str]
+    slope: list[float]
+    offset: list[float]
+    rate: list[float]
+    shared_slope: float = 1.0
+    shared_offset: float = 0.0
+    shared_rate: float = 1.0
+    positives: list[int] = field(default_factory=list)  # held-out observed positives per label
+    images: int = 0
+
+    @classmethod
+    def identity(cls, names: Sequence[str] = ()) -> "Calibration":
+        """The map that changes nothing (``p = σ(z)``)."""
+        n = len(names)
+        return cls(list(names), [1.0] * n, [0.0] * n, [1.0] * n)
+
+    def parameters(self, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(slope, offset, rate), each ``[len(names)]``, aligned to ``names`` (shared values
+        for labels this calibration does not know)."""
+        index = {n: i for i, n in enumerate(self.names)}
+        a, b, c = [], [], []
+        for name in names:
+            i = index.get(name)
+            a.append(self.slope[i] if i is not None else self.shared_slope)
+            b.append(self.offset[i] if i is not None else self.shared_offset)
+            c.append(self.rate[i] if i is not None else self.shared_rate)
+        return torch.tensor(a), torch.tensor(b), torch.tensor(c)
+
+    def logits(self, scores: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+        """Calibrated logits ``a_k z + b_k`` of ``scores [B, C]`` for labels ``names``."""
+        a, b, _ = self.parameters(names)
+        return scores.float() * a.to(scores.device) + b.to(scores.device)
+
+    def probabilities(self, scores: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+        """``P(label present | score)`` ``[B, C]``."""
+        return torch.sigmoid(self.logits(scores, names))
+
+    def to_json(self) -> dict:
+        return {
+            "names": list(self.names),
+            "slope": [round(float(x), 6) for x in self.slope],
+            "offset": [round(float(x), 6) for x in self.offset],
+            "rate": [round(float(x), 6) for x in self.rate],
+            "shared": {"slope": round(self.shared_slope, 6), "offset": round(self.shared_offset, 6),
+                       "rate": round(self.shared_rate, 6)},
+            "positives": list(self.positives),
+            "images": int(self.images),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Calibration":
+        names = [str(n) for n in data["names"]]
+        slope, offset, rate = (list(map(float, data[k])) for k in ("slope", "offset", "rate"))
+        if not (len(names) == len(slope) == len(offset) == len(rate)):
+            raise ValueError("calibration lists of different lengths")
+        shared = data.get("shared") or {}
+        if any(not 0.0 < r <= 1.0 for r in rate):
+            raise ValueError("observation rates out of (0, 1]")
+        return cls(names, slope, offset, rate, float(shared.get("slope", 1.0)), float(shared.get("offset", 0.0)),
+                   float(shared.get("rate", 1.0)), [int(x) for x in data.get("positives", [])],
+                   int(data.get("images", 0)))
+
+
+def elkan_noto_rate(scores: torch.Tensor, observed: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Elkan–Noto's ``c_k = E[g_k(z) | o_k = 1]`` ``[C]``, with ``g_k`` a logistic fit of the
+    observed labels on the scores (one shared slope, per-label offsets; a few Newton-free
+    gradient steps suffice for an initial value). Labels without observed positives: NaN."""
+    mask = torch.ones_like(observed) if mask is None else mask
+    z = scores.float()
+    a = torch.ones((), requires_grad=True)
+    b = torch.zeros(z.shape[1], requires_grad=True)
+    opt = torch.optim.LBFGS([a, b], max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = (F.binary_cross_entropy_with_logits(a * z + b, observed, reduction="none") * mask).sum()
+        loss = loss / mask.sum().clamp(min=1.0)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        g = torch.sigmoid(a * z + b)
+        pos = observed * mask
+        n = pos.sum(0)
+        rate = (g * pos).sum(0) / n.clamp(min=1.0)
+        return torch.where(n > 0, rate, torch.full_like(rate, float("nan")))
+
+
+def _pu_nll(zs, o, m, a, b, c):
+    """``−Σ m · log Bernoulli(o; c σ(a z + b))`` (parameters broadcast over labels)."""
+    p = torch.sigmoid(a * zs + b).clamp(_EPS, 1 - _EPS) * c
+    return -(m * (o * torch.log(p) + (1 - o) * torch.log1p(-p.clamp(max=1 - _EPS)))).sum()
+
+
+def _minimise(params, loss_fn, iterations: int) -> None:
+    opt = torch.optim.LBFGS(params, max_iter=iterations, line_search_fn="strong_wolfe", tolerance_grad=1e-9,
+                            tolerance_change=1e-12)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+
+def fit_calibration(
+    scores: torch.Tensor,
+    observed: torch.Tensor,
+    names: Sequence[str],
+    mask: torch.Tensor | None = None,
+    *,
+    shrinkage: float = 20.0,
+    rate_shrinkage: float = 200.0,
+    min_rate: float = 0.05,
+    prior_strength: float = 1.0,
+    iterations: int = 200,
+    fixed_rate: float | None = None,
+    per_label: bool = True,
+) -> Calibration:
+    """Fit :class:`Calibration` to held-out ``scores [n, C]`` and their observed labels.
+
+    1. the shared map ``(a, b, c)``: maximum likelihood of ``Σ mask · log Bernoulli(o;
+       c σ(a z + b))`` over all labels (a weak pull of ``a, b`` towards 1, 0 of
+       ``prior_strength`` images keeps separable data finite);
+    2. per label, the same likelihood with a pull of ``prior_strength`` images towards the
+       shared map — first with one rate common to all labels (the pooled rate), then with
+       per-label rates as well;
+    3. shrinkage: label k keeps ``w_k = n_k / (n_k + κ)`` of its own parameters and takes
+       ``1 − w_k`` of the shared ones (``n_k``: its held-out observed positives; ``κ``:
+       ``shrinkage`` for ``a, b`` and ``rate_shrinkage`` for ``logit c``).
+
+    ``fixed_rate``: every ``c_k`` is this value (e.g. 1 for complete labels);
+    ``per_label=False`` fits the shared map only (zero-shot calibration of a backbone, where
+    labels are not known in advance). Scores are standardised internally (one prior fits
+    logits and cosines alike); the result maps raw scores."""
+    z = scores.detach().float()
+    o = observed.detach().float()
+    m = torch.ones_like(o) if mask is None else mask.detach().float()
+    n_img, C = z.shape
+    if n_img == 0 or float((o * m).sum()) == 0:
+        return Calibration.identity(names)
+    flat = z[m > 0]
+    mu, sd = float(flat.mean()), float(flat.std().clamp(min=1e-6))
+    zs = (z - mu) / sd
+    lo = math.log(min_rate / (1 - min_rate))
+
+    def rate_of(logit_c):
+        if fixed_rate is not None:
+            return torch.as_tensor(float(fixed_rate))
+        # c in [min_rate, 1): a soft floor keeps rare labels from explaining misses by c → 0
+        return torch.sigmoid(lo + F.softplus(logit_c - lo))
+
+    en = elkan_noto_rate(zs, o, m)
+    c0 = min(max(float(torch.nanmean(en)) if torch.isfinite(en).any() else 0.5, min_rate + 1e-3), 1.0 - 1e-3)
+    A = torch.tensor(1.0, requires_grad=True)
+    B = torch.tensor(0.0, requires_grad=True)
+    Cl = torch.tensor(math.log(c0 / (1 - c0)), requires_grad=True)
+    shared = [A, B] + ([Cl] if fixed_rate is None else [])
+
+    def shared_loss():
+        prior = 0.5 * prior_strength * ((A - 1.0) ** 2 + B ** 2)
+        return (_pu_nll(zs, o, m, A, B, rate_of(Cl)) + prior) / n_img
+
+    _minimise(shared, shared_loss, iterations)
+    A0, B0, C0 = A.detach(), B.detach(), Cl.detach()
+    positives = (o * m).sum(0)
+    if per_label:
+        a = A0.repeat(C).requires_grad_(True)
+        b = B0.repeat(C).requires_grad_(True)
+        common = C0.clone().requires_grad_(True)
+        # (i) per-label maps with one observation rate for all labels: the rate is pooled
+        # over labels, and not biased by a shared map that fits no label well
+        _minimise([a, b] + ([common] if fixed_rate is None else []), lambda: (
+            _pu_nll(zs, o, m, a, b, rate_of(common))
+            + 0.5 * prior_strength * ((a - A0) ** 2 + (b - B0) ** 2).sum()) / n_img, iterations)
+        C0 = common.detach()
+        a1, b1 = a.detach(), b.detach()
+        cl = C0.repeat(C).requires_grad_(True)
+        own = [a, b] + ([cl] if fixed_rate is None else [])
+
+        # (ii) per-label rates as well, pulled weakly towards (i)
+        def label_loss():
+            prior = 0.5 * prior_strength * ((a - a1) ** 2 + (b - b1) ** 2 + (cl - C0) ** 2).sum()
+            return (_pu_nll(zs, o, m, a, b, rate_of(cl)) + prior) / n_img
+
+        _minimise(own, label_loss, iterations)
+        with torch.no_grad():
+            w = positives / (positives + shrinkage) if shrinkage > 0 else torch.ones(C)
+            wc = positives / (positives + rate_shrinkage) if rate_shrinkage > 0 else torch.ones(C)
+            a = w * a + (1 - w) * A0
+            b = w * b + (1 - w) * B0
+            cl = wc * cl + (1 - wc) * C0
+    else:
+        a, b, cl = A0.repeat(C), B0.repeat(C), C0.repeat(C)
+    with torch.no_grad():
+        c = rate_of(cl).expand(C)
+        # back to raw scores: σ(a (z − μ)/σ + b) = σ((a/σ) z + b − a μ/σ)
+        return Calibration(
+            list(names), (a / sd).tolist(), (b - a * mu / sd).tolist(), c.tolist(),
+            float(A0) / sd, float(B0) - float(A0) * mu / sd, float(rate_of(C0)),
+            [int(x) for x in positives.tolist()], int(n_img),
+        )
+
+
+def fit_zero_shot_calibration(similarity: torch.Tensor, observed: torch.Tensor, mask: torch.Tensor | None = None,
+                              **kwargs) -> tuple[float, float, float]:
+    """A backbone's zero-shot calibration from data: ``(scale, bias, rate)`` such that
+    ``P(label | s) = σ(scale · (s − bias))`` for zero-shot similarities ``s [n, C]``, fitted
+    with the observation-rate model on partially observed labels (one map shared by all
+    labels: a zero-shot model meets labels nobody has annotated)."""
+    cal = fit_calibration(similarity, observed, [str(i) for i in range(similarity.shape[1])], mask,
+                          per_label=False, **kwargs)
+    scale = cal.shared_slope
+    if scale <= 0:
+        raise ValueError("zero-shot similarities do not rank the observed labels (slope <= 0)")
+    return scale, -cal.shared_offset / scale, cal.shared_rate
+
+
+def expected_calibration_error(probabilities: torch.Tensor, truth: torch.Tensor, bins: int = 15) -> float:
+    """ECE over every image–label pair: ``Σ_b (n_b / n) |mean p − mean y|`` in ``bins`` equal-width
+    probability bins."""
+    p = probabilities.detach().float().flatten()
+    y = truth.detach().float().flatten()
+    idx = (p * bins).long().clamp(max=bins - 1)
+    total = 0.0
+    for k in range(bins):
+        sel = idx == k
+        if sel.any():
+            total += float(sel.sum()) * abs(float(p[sel].mean()) - float(y[sel].mean()))
+    return total / max(1, p.numel())
+
+
+__all__ = ["Calibration", "elkan_noto_rate", "expected_calibration_error", "fit_calibration",
+           "fit_zero_shot_calibration"]
