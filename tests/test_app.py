@@ -533,7 +533,7 @@ def test_a_trained_model_suggests_with_co_occurrence_and_scores_labels_it_never_
         settings, runtime, photos, redis_url, tmp_path):
     """The real conditional model of the model issue, trained here on a few annotated photos."""
     from backend.model import save_model
-    from worker.data import attach_features, examples_from_tasks
+    from worker.data import attach_feature_batch, examples_from_tasks
     from worker.train import train_model
 
     trained = {"dog": ["dog"], "eagle": ["bird"], "giraffe": ["giraffe"], "horses": ["horse", "person", "dog"],
@@ -546,9 +546,9 @@ def test_a_trained_model_suggests_with_co_occurrence_and_scores_labels_it_never_
     s = app_settings(settings, photos)
     s = s.model_copy(update={"train": s.train.model_copy(update={"epochs": 3})})
     examples, _ = examples_from_tasks(tasks[:6], seen)
-    examples, G, L, errors = attach_features(examples, runtime)
+    examples, batch, errors = attach_feature_batch(examples, runtime)
     assert len(examples) == 6 and not errors
-    result = train_model(examples, runtime.label_space(seen), (G, L), s, backbone=runtime.backbone)
+    result = train_model(examples, runtime.label_space(seen), batch, s, backbone=runtime.backbone)
     save_model(result.model, tmp_path / "staged", metrics=result.metrics)
     r = redis_lib.Redis.from_url(redis_url)
     app = make_app(s, runtime, r, tmp_path)  # the store's default loader: backend.model.load_predictor

@@ -214,3 +214,27 @@ def test_every_parameter_is_label_independent():
         graph = label_graph(CooccurrenceStats(), [f"x{i}" for i in range(C)], H, cfg)
         assert model(batch, H, graph).logits.shape == (2, C)
     assert {n: tuple(p.shape) for n, p in model.named_parameters()} == shapes
+
+
+def test_a_fresh_model_serves_exactly_the_zero_shot_probabilities_on_real_photos(runtime):
+    """Real packaged features (native 1280-d + text-aligned) of real photos: the untrained
+    heads, served through the predictor with the identity calibration, give the zero-shot
+    predictor's probabilities — without and with known labels."""
+    from backend.model.checkpoint import TrainedModel
+    from backend.model.serving import SigRLPredictor
+    from tests.helpers.photos import PHOTOS, photo
+
+    feats = runtime.features_for([str(photo(n)) for n in PHOTOS])
+    labels = ["dog", "bicycle", "truck", "horse", "person", "kite", "giraffe", "bird"]
+    space = runtime.label_space(labels)
+    bb = runtime.backbone
+    module = SigRL(bb.dim, ModelSettings(), bb.zero_shot_scale, bb.zero_shot_bias, bb.native_dim)
+    from backend.features import stack_all
+
+    module.fit_feature_stats(stack_all(feats))
+    stats = CooccurrenceStats.from_label_sets([["dog", "bicycle"], ["horse", "person"], ["dog", "truck"]])
+    predictor = SigRLPredictor(TrainedModel(module, labels, stats, {"name": bb.name}))
+    expected = runtime.zero_shot(feats, space)
+    assert torch.allclose(predictor.probabilities(feats, space), expected, atol=1e-5)
+    known = [["dog"], ["horse", "person"]] + [[]] * (len(feats) - 2)
+    assert torch.allclose(predictor.probabilities(feats, space, known), expected, atol=1e-5)

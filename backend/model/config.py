@@ -83,6 +83,8 @@ class CalibrationSettings(_Section):
     # L2 pull of the slope/offset towards 1/0 (in units of held-out images), so few data
     # cannot produce extreme calibrations.
     prior_strength: float = Field(1.0, ge=0.0)
+    # Where scores rank nothing only c·P(label) is identified; the weak pull goes to this rate.
+    rate_prior: float = Field(0.95, gt=0.0, lt=1.0)
     iterations: int = Field(200, ge=10)
     # Known-label (conditional) outputs: held-out positives given as known per image, in turns.
     conditional_samples: int = Field(2, ge=1)

@@ -167,6 +167,10 @@ class SigRL(nn.Module):
         # 1 once the known-label expert has been trained; 0 (fresh, or training data without
         # an image with two chosen labels): known labels change nothing.
         self.register_buffer("known_active", torch.zeros(()))
+        # 1: the projections read the backbone's native features; 0: they read the aligned
+        # ones (a backbone whose native space is aligned, or training given aligned features
+        # only) — then serving ignores native features it is handed, whatever their width.
+        self.register_buffer("reads_native", torch.tensor(float(self.native_dim != dim)))
         if cfg.use_known:
             self.compat = nn.Linear(dim, dim, bias=False)
             nn.init.zeros_(self.compat.weight)
@@ -177,8 +181,15 @@ class SigRL(nn.Module):
     # -- pieces ----------------------------------------------------------------------------
     def fit_feature_stats(self, features: EncodedImages) -> None:
         """Standardisation (and principal bases) of the native features, from training data."""
+        features = self.inputs(features)
         self.global_projection.fit(features.native_global)
         self.local_projection.fit(features.native_local)
+
+    def inputs(self, features: EncodedImages) -> EncodedImages:
+        """The features as the projections read them (see ``reads_native``)."""
+        if float(self.reads_native) > 0:
+            return features
+        return EncodedImages.aligned_only(features.global_, features.local)
 
     def set_zero_shot_offset(self) -> None:
         """Remember the current offset as the zero-shot model's (after the density shift)."""
@@ -248,6 +259,7 @@ class SigRL(nn.Module):
     def project(self, features: EncodedImages) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(global ``[B, D]``, local ``[B, P, D]`` in the label-embedding space, the reduced
         native local features ``[B, P, r]`` that key SVFR's attention)."""
+        features = self.inputs(features)
         g, _ = self.global_projection(features.global_, features.native_global)
         l, keys = self.local_projection(features.local, features.native_local)
         return g, l, keys
@@ -259,7 +271,7 @@ class SigRL(nn.Module):
             g, l, keys = self.project(features)
         else:
             g, l = features.global_, features.local
-            keys = self.local_projection.reduced(features.native_local)
+            keys = self.local_projection.reduced(self.inputs(features).native_local)
         if self.svfr is not None:
             out = self.svfr(g, l, label_embeddings, target=features.local, chunk_size=chunk_size, key_input=keys)
             sim, recon = out.similarity, out.reconstruction_loss
