@@ -159,6 +159,8 @@ class StoreSettings(_Section):
 class PreannotationSettings(_Section):
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     max_labels: int = Field(10, ge=1)
+    wrong_tick_cost: float = Field(1.0, ge=0.0)
+    missed_tick_cost: float = Field(1.0, ge=0.0)
     reasons_labels: int = Field(10, ge=1)
 
 

@@ -351,6 +351,38 @@ class ModelStore:
             pass
         return out
 
+    def unserved(self, project: str | int) -> dict | None:
+        """The latest version that did not become what is served, when nothing changed the
+        served version since: ``{"version", "ts", "kind", "reason", "gate", "data_summary"}``
+        with kind ``gate`` (published, kept out by the promotion gate or on request) or
+        ``load`` (current, but a backend refused to load it); ``None`` otherwise.
+
+        This is what a user who pressed *Start training* needs to see in Label Studio when the
+        served model did not change (``backend.ls.service`` puts it into the model version
+        and the reasons text)."""
+        for record in reversed(self.history(project)):
+            action = record.get("action")
+            if action == "current":
+                return None
+            if action in ("publish", "refuse") and not record.get("promoted"):
+                version = str(record.get("version") or "")
+                summary: dict = {}
+                with contextlib.suppress(ModelStoreError):
+                    summary = self.manifest(project, version).get("data_summary") or {}
+                return {"version": version, "ts": record.get("ts"),
+                        "kind": "gate" if action == "publish" else "load",
+                        "reason": record.get("reason") or "", "gate": record.get("gate") or {},
+                        "data_summary": summary}
+        return None
+
+    def history_stamp(self, project: str | int) -> tuple | None:
+        """A cheap value that changes whenever the history grows (None: no history)."""
+        try:
+            st = os.stat(self.project_dir(project) / HISTORY)
+        except (FileNotFoundError, ModelStoreError):
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
     def refusals(self, project: str | int) -> dict[str, dict]:
         try:
             with open(self.project_dir(project) / REFUSED, encoding="utf-8") as fh:
@@ -511,7 +543,8 @@ class ModelStore:
             os.rename(src, vroot / version)  # the atomic publish
             _fsync_dir(vroot)
             self._append_history(project, {"action": "publish", "version": version,
-                                           "promoted": decision.promoted, "reason": decision.reason})
+                                           "promoted": decision.promoted, "reason": decision.reason,
+                                           "gate": asdict(decision)})
             if decision.promoted:
                 self._set_current(project, version, f"published: {decision.reason}")
             else:

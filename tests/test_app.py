@@ -576,3 +576,57 @@ def test_a_trained_model_suggests_with_co_occurrence_and_scores_labels_it_never_
     finally:
         service.close()
         reset_db(r)
+
+
+def test_a_training_the_gate_refuses_is_explained_where_label_studio_shows_versions(
+        settings, runtime, photos, redis_url, tmp_path):
+    """Start training → the gate keeps the old version: Label Studio learns why from /setup's
+    model_version (stored on its ML backend, re-read on every "Retrieve predictions", which then
+    re-predicts tasks whose predictions carry another version) and from the predictions' model
+    version and reasons text."""
+    from tests.tiny_model import load_tiny, save_tiny
+
+    r = redis_lib.Redis.from_url(redis_url)
+    app = make_app(app_settings(settings, photos), runtime, r, tmp_path, loader=load_tiny)
+    service = app.extensions["semlabel"]
+    try:
+        c = app.test_client()
+        setup = {"project": "14.1795398852", "schema": CONFIG, "hostname": "http://127.0.0.1:1"}
+        first = service.store.publish("14", save_tiny(tmp_path / "m1", {"dog": 3.0}, {"mAP": 0.6}),
+                                      data_summary={"train_tasks": 24, "holdout_tasks": 6})
+        assert first.promoted
+        served = f"{first.version}@{runtime.backbone.name}"
+        deadline = time.monotonic() + 10
+        while c.post("/setup", json=setup).json["model_version"] != served:
+            assert time.monotonic() < deadline, "the first version was not picked up"
+            time.sleep(0.05)
+        # 40 annotations later: trained, evaluated on the held-out tasks, refused by the gate.
+        second = service.store.publish("14", save_tiny(tmp_path / "m2", {"dog": -3.0}, {"mAP": 0.3}),
+                                       data_summary={"train_tasks": 32, "holdout_tasks": 8})
+        assert not second.promoted and service.store.current("14") == first.version
+        version = c.post("/setup", json=setup).json["model_version"]
+        assert version == (f"{served} (latest training {second.version} not served: "
+                           f"held-out mAP 0.300 < 0.600 - 0.02)")
+        out = predict(c, [task(1, "dog", photos)], project="14.1795398852")
+        entry = out["results"][0]
+        assert out["model_version"] == entry["model_version"] == version
+        assert choices_of(entry)["meta"]["scores"]["dog"] == pytest.approx(0.9526, abs=1e-4)  # still the first
+        text = choices_of(entry, "semlabel_reasons")["value"]["text"]
+        assert text[-1] == (f"Served model: {served}. The latest training on 32 tasks (8 more held out to compare), "
+                            f"version {second.version}, was kept but not served: {second.reason}.")
+        assert "worse than current" in second.reason
+        assert c.get("/versions?project=14").json["model_version"] == version
+        assert second.version in c.get("/versions?project=14").json["versions"]
+        # Promoted by hand: the explanation goes, the version is the plain served name again.
+        service.store.promote("14", second.version)
+        plain = f"{second.version}@{runtime.backbone.name}"
+        deadline = time.monotonic() + 10
+        while c.post("/setup", json=setup).json["model_version"] != plain:
+            assert time.monotonic() < deadline, "the promoted version was not picked up"
+            time.sleep(0.05)
+        entry = predict(c, [task(1, "dog", photos)], project="14.1795398852")["results"][0]
+        assert entry["model_version"] == plain
+        assert not any("not served" in line for line in choices_of(entry, "semlabel_reasons")["value"]["text"])
+    finally:
+        service.close()
+        reset_db(r)

@@ -47,14 +47,35 @@ def test_small_bench_writes_label_studio_exports_reports_and_reuses_features(sma
         rows = report["results"][mode]["rows"]
         assert set(methods) <= set(rows)
         for name in methods:
-            assert 0.0 < rows[name]["mAP"] <= 1.0 and "F1@3" in rows[name] and "hidden_recall@3" in rows[name]
+            row = rows[name]
+            assert 0.0 < row["mAP"] <= 1.0 and "F1@3" in row and "hidden_recall@3" in row
+            # What an annotator sees of the backend's decision rule on the served probabilities.
+            assert 0.0 <= row["micro-F1"] <= 1.0 and 0.0 <= row["ECE"] <= 1.0
+            assert row["blank_edit_cost"] == report["data"]["mean_labels_per_test_image"]
+            assert row["edit_cost_vs_blank"] == pytest.approx(row["edit_cost"] / row["blank_edit_cost"], abs=2e-3)
+        # The probe was tuned on a validation split of the training export, over the whole grid.
+        tuned = report["results"][mode]["probe_tuning"]["linear probe + EM"]
+        assert len(tuned["grid"]) == 9 and tuned["validation_images"] == 12
+        assert (tuned["lr"], tuned["weight_decay"]) in {(g["lr"], g["weight_decay"]) for g in tuned["grid"]}
+        unseen = report["results"][mode]["unseen_labels"]
+        assert unseen["labels"] == ["Sandal", "Coat"] and 0.0 < unseen["AP"] <= 1.0
+        assert unseen["gain_over_zero_shot"] == pytest.approx(unseen["AP"] - unseen["zero_shot_AP"], abs=1e-3)
+        assert set(unseen["AP_per_label"]) == {"Sandal", "Coat"}
+        # reliability diagram data of the served probabilities
+        bins = report["calibration"][mode]["SigRL (GMC + SVFR)"]["bins"]
+        assert sum(b["count"] for b in bins) == 40 * 10
         # trained methods: the mean over the two seeds, with the spread
         assert rows["SigRL (GMC + SVFR)"]["seeds"] == [0, 1] and "mAP_std" in rows["SigRL (GMC + SVFR)"]
         assert "linear probe + EM × co-occurrence" in rows and "SigRL (GMC + SVFR), known labels ignored" in rows
-    assert "partial" in report["acceptance"] and "mAP_over_linear_probe_em" in report["acceptance"]["partial"]
+    acc = report["acceptance"]["partial"]
+    assert {"mAP_over_best_linear_baseline", "edit_cost_vs_blank", "ECE", "zero_shot_edit_cost_vs_blank",
+            "unseen_AP_over_zero_shot", "hidden_recall@3"} <= set(acc)
     assert (out / "models" / "partial" / "model.json").is_file()
     md = (out / "bench.md").read_text()
     assert "| SigRL (GMC + SVFR) |" in md and "pr_partial.png" in md and (out / "label_graph_partial.png").is_file()
+    assert "reliability_partial.png" in md and (out / "reliability_partial.png").stat().st_size > 10_000
+    assert "| *blank task* |" in first["markdown"] and "Unseen labels (Sandal, Coat" in first["markdown"]
+    assert not (out / "models" / "runs").exists()  # scratch models of other seeds removed
 
     again = run_bench(out, train_images=60, test_images=40, settings=small_settings, methods=methods[:2],
                       update_readme=False, timing=False, show_progress=False)

@@ -131,6 +131,28 @@ def test_metric_gate_keeps_worse_versions_unpromoted_with_a_reason(tmp_path, red
     assert [h["action"] for h in store.history(1)].count("publish") == 6
 
 
+def test_the_latest_unserved_training_is_known_until_something_is_served(tmp_path, redis_conn):
+    store = ModelStore(tmp_path / "m", redis_conn, gate_margin=0.02)
+    assert store.unserved(1) is None and store.history_stamp(1) is None
+    v1 = _publish(store, 1, {"a": 1.0}, 0.80)
+    assert store.unserved(1) is None
+    stamp = store.history_stamp(1)
+    worse = _publish(store, 1, {"a": 2.0}, 0.50)
+    assert store.history_stamp(1) != stamp
+    note = store.unserved(1)
+    assert (note["version"], note["kind"], note["reason"]) == (worse.version, "gate", worse.reason)
+    assert (note["gate"]["value"], note["gate"]["baseline_value"], note["gate"]["baseline_version"]) == (
+        0.5, 0.8, v1.version)
+    assert note["data_summary"] == {"tasks": 3}
+    store.promote(1, worse.version)
+    assert store.unserved(1) is None  # what was refused is served now
+    store.record_refusal(1, worse.version, "ModelLoadError: truncated weights")
+    note = store.unserved(1)
+    assert (note["version"], note["kind"], note["reason"]) == (worse.version, "load", "ModelLoadError: truncated weights")
+    store.rollback(1)
+    assert store.unserved(1) is None
+
+
 def test_promote_and_rollback(tmp_path, redis_conn):
     store = ModelStore(tmp_path / "m", redis_conn)
     v1 = _publish(store, 5, {"a": 1.0}, 0.5)

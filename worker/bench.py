@@ -10,16 +10,25 @@
    FeatureStore (cached: a second run computes nothing), with the packaged backbone at
    ``bench.class_temperature``.
 3. Trains, per label setting: zero-shot (no training), linear probe + AN-LS, linear probe +
-   EM, GMC only, SVFR only, SigRL (GMC + SVFR), SigRL + semantic loss (taxonomy
-   ``configs/bench/fashion_taxonomy.yaml``) — the same seed, optimiser and early stopping for
-   all — and evaluates them on the fully labelled test images: mAP, F1@3, recall@3 of hidden
-   positives (known labels given), plus P/R@k, F1@5, mistake severity, hierarchical distance.
-   Conditioning is checked against the same model ignoring the known labels and against the
-   linear probe re-weighted by raw co-occurrence.
-4. Times the training of the full model on 1 000 annotated images (median of
+   EM (on the backbone's pooled native features of the whole image when the backbone gives
+   them; learning rate and weight decay chosen by :func:`tune_probe` on a validation split
+   carved from the training export, never the test images), GMC only, SVFR only, SigRL
+   (GMC + SVFR), SigRL + semantic loss (taxonomy ``configs/bench/fashion_taxonomy.yaml``) —
+   over the seeds ``bench.seeds`` — and evaluates them on the fully labelled test images.
+   Ranking: mAP, F1@3, recall@3 of hidden positives (known labels given), P/R@k, F1@5,
+   mistake severity, hierarchical distance. What an annotator sees: each trained SigRL model
+   is saved and loaded the way the model store serves it, its served probabilities go through
+   the backend's own decision rule (:func:`backend.model.decision.preselect`), and the
+   pre-selection is scored by edit cost per task (against a blank task's), micro-/macro-F1;
+   the probabilities by expected calibration error (reliability diagram). Conditioning is
+   checked against the same model ignoring the known labels and against the linear probe
+   re-weighted by raw co-occurrence.
+4. Unseen labels: SigRL trained without ``bench.unseen_labels`` (their annotations dropped),
+   then scoring them — AP against the zero-shot AP of the same labels.
+5. Times the training of the full model on 1 000 annotated images (median of
    ``bench.timing_repeats`` runs).
-5. Writes ``bench.json``, ``bench.md`` (with PR curves and the learned label graph) and, when
-   asked, the table into README.md.
+6. Writes ``bench.json``, ``bench.md`` (PR curves, reliability diagrams, the learned label
+   graph) and, when asked, the table into README.md.
 """
 
 from __future__ import annotations
@@ -28,21 +37,32 @@ import json
 import logging
 import os
 import platform
+import shutil
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from backend.errors import ImageError
 from backend.features import Features
 from backend.labels import Taxonomy
 from backend.settings import Settings, config_dir, get_settings
 
-from .data import attach_features, examples_from_tasks, read_export
+from .data import examples_from_tasks, read_export
 from .fashion import OutfitStructure, build_mosaics, label_config_xml, label_studio_export, partial_labels, write_json
-from .metrics import evaluate_scores, hide_positives, pr_curves
+from .metrics import (
+    calibration,
+    evaluate_scores,
+    hide_positives,
+    label_subset_map,
+    observed_label_auc,
+    pr_curves,
+    selection_metrics,
+)
 from .train import targets
 
 log = logging.getLogger(__name__)
@@ -95,23 +115,69 @@ def build_data(out: Path, settings: Settings, train_images: int, test_images: in
     return {"classes": structure.classes, "train_styles": train.styles, "train_full": train.labels}
 
 
-def _probe_scores(probe, G):
-    return probe.logits(G)
+def encode(examples, runtime, progress=None):
+    """(kept examples with ``key`` set, their whole :class:`Features` — native and text-aligned
+    parts together —, image errors), from the FeatureStore."""
+    feats = runtime.features_for([e.image for e in examples], [e.task_id for e in examples], progress=progress)
+    errors = [f for f in feats if isinstance(f, ImageError)]
+    pairs = [(e, f) for e, f in zip(examples, feats) if not isinstance(f, ImageError)]
+    for example, f in pairs:
+        example.key = f.key
+    if errors:
+        log.warning("%d of %d images could not be used (first: %s)", len(errors), len(examples), errors[0])
+    return [e for e, _ in pairs], [f for _, f in pairs], errors
 
 
-def _sigrl_scores(model, space, G, L, known=None):
-    from backend.model.sigrl import label_graph
+def pooled(feats: Sequence[Features]) -> tuple[torch.Tensor, str]:
+    """``[N, D]`` features for the linear probes: the backbone's native pooled feature of the
+    whole image when the Features carry one, else the text-aligned global feature."""
+    native = [getattr(f, "native_global", None) for f in feats]
+    # Features without a native part of their own carry the aligned one in its place.
+    if feats and all(n is not None and n is not f.global_ for n, f in zip(native, feats)):
+        return torch.stack([n.float() for n in native]), "native pooled"
+    return torch.stack([f.global_.float() for f in feats]), "text-aligned global"
 
-    module = model.module.eval()
-    graph = label_graph(model.stats, space.names, space.embeddings, module.cfg)
-    out_v, out_c = [], []
-    with torch.no_grad():
-        for s in range(0, G.shape[0], 256):
-            res = module(G[s : s + 256], L[s : s + 256], space.embeddings, graph,
-                         known[s : s + 256] if known is not None else None)
-            out_v.append(res.visual_logits)
-            out_c.append(res.logits)
-    return torch.cat(out_v), torch.cat(out_c)
+
+def probe_probabilities(probe, G: torch.Tensor) -> torch.Tensor:
+    """The probe's calibrated probabilities when it has them, else its sigmoid outputs."""
+    fn = getattr(probe, "probabilities", None)
+    return fn(G) if callable(fn) else torch.sigmoid(probe.logits(G))
+
+
+def served_predictor(model, runtime, directory: Path):
+    """The predictor the backend would serve for ``model``: saved, then loaded the way the
+    model store loads a version (``backend.model.load_predictor``)."""
+    from backend.model.checkpoint import save_model
+    from backend.model.serving import load_predictor
+
+    save_model(model, directory)
+    return load_predictor(directory, runtime, device="cpu")
+
+
+def tune_probe(kind: str, label_sets, classes, G, settings: Settings, seed: int, show_progress=None) -> dict:
+    """Learning rate and weight decay of a linear probe, chosen on a validation split carved
+    from the training export (``bench.tune_fraction``; never the test images) by
+    :func:`~worker.metrics.observed_label_auc` of its partial labels."""
+    from .baselines import train_linear_probe
+
+    bench = settings.bench
+    n = len(label_sets)
+    perm = np.random.default_rng(bench.seed + 17).permutation(n)
+    n_val = max(1, int(round(n * bench.tune_fraction)))
+    val, fit_idx = perm[:n_val].tolist(), perm[n_val:].tolist()
+    loss_cfg = settings.loss.model_copy(update={"kind": kind})
+    y_val = targets([label_sets[i] for i in val], classes)
+    grid = []
+    for lr in bench.probe_lr:
+        for wd in bench.probe_weight_decay:
+            tcfg = settings.train.model_copy(update={"lr": lr, "weight_decay": wd})
+            probe = train_linear_probe([label_sets[i] for i in fit_idx], classes, G[fit_idx], loss_cfg, tcfg, seed,
+                                       show_progress=show_progress)
+            grid.append({"lr": lr, "weight_decay": wd,
+                         "observed_auc": round(observed_label_auc(probe.logits(G[val]), y_val), 4)})
+    best = max(grid, key=lambda g: (g["observed_auc"], -g["weight_decay"], -g["lr"]))
+    return {"lr": best["lr"], "weight_decay": best["weight_decay"], "validation_images": n_val,
+            "criterion": "observed-label AUC", "grid": grid}
 
 
 def run_bench(
@@ -126,17 +192,18 @@ def run_bench(
     timing: bool = True,
     show_progress: bool | None = None,
 ) -> dict:
-    from backend.model.checkpoint import save_model
+    from backend.model.decision import preselect
     from backend.runtime import Runtime
 
     from .baselines import train_linear_probe
-    from .report import gmc_attention, plot_label_graph, plot_pr_curves
+    from .report import gmc_attention, plot_label_graph, plot_pr_curves, plot_reliability
     from .train import train_model
 
     t_start = time.perf_counter()
     base = settings or get_settings()
     settings = bench_settings(base)
     bench = settings.bench
+    pre_cfg = settings.backend.preannotation
     n_train = train_images or bench.train_images
     n_test = test_images or bench.test_images
     out = Path(out_dir)
@@ -150,87 +217,126 @@ def run_bench(
     classes = data["classes"]
     taxonomy = Taxonomy.from_yaml(config_dir() / bench.taxonomy)
     data_seconds = time.perf_counter() - t0
+    unseen = [c for c in bench.unseen_labels if c in classes]
+    if len(unseen) != len(bench.unseen_labels):
+        raise ValueError(f"bench.unseen_labels {bench.unseen_labels} are not all benchmark labels {classes}")
+    unseen_idx = [classes.index(c) for c in unseen]
 
     runtime = Runtime.create(settings, backbone_kind="packaged")
     space = runtime.label_space(classes, taxonomy)
     t0 = time.perf_counter()
     test_examples, _ = examples_from_tasks(read_export(out / "test.json"), classes, images_root=out)
-    test_examples, Gt, Lt, test_errors = attach_features(test_examples, runtime, progress=show_progress)
+    test_examples, test_feats, test_errors = encode(test_examples, runtime, show_progress)
     train_sets = {}
     for mode in modes:
         examples, report = examples_from_tasks(read_export(out / f"train_{mode}.json"), classes, images_root=out)
-        examples, G, L, errors = attach_features(examples, runtime, progress=show_progress)
-        train_sets[mode] = (examples, G, L, report.to_dict())
+        examples, feats, errors = encode(examples, runtime, show_progress)
+        train_sets[mode] = (examples, feats, report.to_dict())
     feature_seconds = time.perf_counter() - t0
     feature_counts = {"computed": runtime.features.computed, "cached": runtime.features.hits}
+    G_test, probe_features = pooled(test_feats)
 
     y_test = targets([e.positives for e in test_examples], classes)
     known, hidden = hide_positives(y_test, bench.hidden_seed)
-    test_features = [Features(e.key or "", g, l) for e, g, l in zip(test_examples, Gt, Lt)]
-    zero_shot = runtime.zero_shot_predictor().probabilities(test_features, space)
+    known_names = [[classes[j] for j in row.nonzero().flatten().tolist()] for row in known]
+    zero_shot = runtime.zero_shot_predictor().probabilities(test_feats, space)
     wanted = set(methods) if methods else None
     k = bench.recall_k
 
-    def evaluate(visual, conditional=None):
-        return evaluate_scores(visual, y_test, names=classes, ks=(1, 3, 5), conditional_scores=conditional,
+    def evaluate(scores, probabilities, conditional=None):
+        """Ranking figures of ``scores``, and what an annotator sees of the backend's decision
+        rule applied to the served ``probabilities``."""
+        out_ = evaluate_scores(scores, y_test, names=classes, ks=(1, 3, 5), conditional_scores=conditional,
                                known=known, hidden=hidden, recall_ks=(1, k), taxonomy=taxonomy)
+        out_.update(selection_metrics(probabilities, preselect(probabilities, pre_cfg), y_test,
+                                      bins=bench.ece_bins, strategy=bench.ece_binning))
+        return out_
+
+    def reliability(probabilities):
+        return calibration(probabilities, y_test, bench.ece_bins, bench.ece_binning)
 
     seeds = list(bench.seeds) or [settings.train.seed]
     results: dict = {}
     curves: dict = {}
+    calibrations: dict = {}
     saved_models: dict = {}
     full_runs: list[tuple[int, float]] = []  # (training images, seconds) of every full-model run
+    scratch = out / "models" / "runs"
     for mode in modes:
-        examples, G, L, export_report = train_sets[mode]
+        examples, feats, export_report = train_sets[mode]
         label_sets = [e.positives for e in examples]
+        G_train, _ = pooled(feats)
         rows: dict = {}
-        curves[mode] = {}
+        tuning: dict = {}
+        curves[mode], calibrations[mode] = {}, {}
         for name, spec in METHODS:
             if wanted is not None and name not in wanted:
                 continue
             log.info("bench %s: %s", mode, name)
             if spec is None:
-                rows[name] = {**evaluate(zero_shot), "train_seconds": 0.0}
+                rows[name] = {**evaluate(zero_shot, zero_shot), "train_seconds": 0.0}
                 curves[mode][name] = pr_curves(zero_shot, y_test, classes)
+                calibrations[mode][name] = reliability(zero_shot)
                 continue
             loss_cfg = settings.loss.model_copy(update=spec.get("loss", {}))
             runs: dict[str, list[dict]] = {}
+            if "probe" in spec:
+                tuned = tune_probe(spec["probe"], label_sets, classes, G_train, settings, seeds[0], show_progress)
+                tuning[name] = tuned
+                probe_train = settings.train.model_copy(update={"lr": tuned["lr"], "weight_decay": tuned["weight_decay"]})
             for seed in seeds:
                 if "probe" in spec:
-                    probe = train_linear_probe(label_sets, classes, G,
+                    probe = train_linear_probe(label_sets, classes, G_train,
                                                settings.loss.model_copy(update={"kind": spec["probe"]}),
-                                               settings.train, seed, show_progress=show_progress)
-                    scores = probe.logits(Gt)
+                                               probe_train, seed, show_progress=show_progress)
+                    scores = probe.logits(G_test)
+                    probs = probe_probabilities(probe, G_test)
                     seconds, epochs = probe.summary["train_seconds"], probe.summary["epochs_run"]
-                    runs.setdefault(name, []).append({**evaluate(scores), "train_seconds": seconds, "epochs": epochs})
+                    runs.setdefault(name, []).append({**evaluate(scores, probs), "train_seconds": seconds,
+                                                      "epochs": epochs})
                     if spec["probe"] == "em":
                         runs.setdefault(name + " × co-occurrence", []).append({
-                            **evaluate(scores, probe.cooccurrence_scores(Gt, known)),
+                            **evaluate(scores, probs, probe.cooccurrence_scores(G_test, known)),
                             "train_seconds": seconds, "conditioning_only": True})
                     if seed == seeds[0]:
                         curves[mode][name] = pr_curves(scores, y_test, classes)
+                        calibrations[mode][name] = reliability(probs)
                     continue
                 model_cfg = settings.model.model_copy(update=spec.get("model", {}))
-                result = train_model(examples, space, (G, L), settings, backbone=runtime.backbone, seed=seed,
+                result = train_model(examples, space, feats, settings, backbone=runtime.backbone, seed=seed,
                                      model_cfg=model_cfg, loss_cfg=loss_cfg, taxonomy=taxonomy,
                                      show_progress=show_progress)
-                visual, conditional = _sigrl_scores(result.model, space, Gt, Lt, known)
+                keep = name == FULL and seed == seeds[0]
+                directory = out / "models" / mode if keep else scratch / f"{mode}-{len(rows)}-{seed}"
+                predictor = served_predictor(result.model, runtime, directory)
+                visual, _ = predictor.logits(test_feats, space)
+                _, conditional = predictor.logits(test_feats, space, known_names)
+                probs = predictor.probabilities(test_feats, space)
                 seconds = result.summary["train_seconds"]
-                runs.setdefault(name, []).append({**evaluate(visual, conditional), "train_seconds": seconds,
+                runs.setdefault(name, []).append({**evaluate(visual, probs, conditional), "train_seconds": seconds,
                                                   "epochs": result.summary["epochs_run"]})
                 if name == FULL:
                     full_runs.append((len(examples), seconds))
                     runs.setdefault(name + ", known labels ignored", []).append(
-                        {**evaluate(visual), "train_seconds": seconds, "conditioning_only": True})
+                        {**evaluate(visual, probs), "train_seconds": seconds, "conditioning_only": True})
                 if seed == seeds[0]:
                     curves[mode][name] = pr_curves(visual, y_test, classes)
-                    if name == FULL:
-                        saved_models[mode] = (result.model, save_model(result.model, out / "models" / mode))
+                    calibrations[mode][name] = reliability(probs)
+                    if keep:
+                        saved_models[mode] = (result.model, directory)
+                if not keep:
+                    shutil.rmtree(directory, ignore_errors=True)
             for row_name, row_runs in runs.items():
                 rows[row_name] = aggregate(row_runs, seeds)
         if mode in saved_models:
-            (saved_models[mode][1] / "metrics.json").write_text(json.dumps(rows[FULL], indent=1))
-        results[mode] = {"export": export_report, "rows": rows}
+            (saved_models[mode][1] / "metrics.json").write_text(json.dumps(rows[FULL], indent=1, default=_jsonable))
+        unseen_result = None
+        if unseen and (wanted is None or FULL in wanted):
+            unseen_result = unseen_labels_experiment(examples, feats, classes, unseen, test_feats, y_test, zero_shot,
+                                                     runtime, settings, taxonomy, seeds, scratch / f"{mode}-unseen",
+                                                     rows.get(FULL), show_progress)
+        results[mode] = {"export": export_report, "rows": rows, "probe_tuning": tuning, "unseen_labels": unseen_result}
+    shutil.rmtree(scratch, ignore_errors=True)
 
     timing_info = None
     if timing:
@@ -247,6 +353,10 @@ def run_bench(
     for mode in modes:
         if curves.get(mode):
             figures[f"pr_{mode}"] = plot_pr_curves(out / f"pr_{mode}.png", curves[mode], SETTING_TITLES[mode]).name
+        if calibrations.get(mode):
+            figures[f"reliability_{mode}"] = plot_reliability(
+                out / f"reliability_{mode}.png", calibrations[mode],
+                f"served probabilities, {SETTING_TITLES[mode]}").name
         if mode in saved_models:
             model, _ = saved_models[mode]
             from backend.model.sigrl import label_graph
@@ -267,10 +377,15 @@ def run_bench(
             "mean_labels_per_test_image": round(float(y_test.sum(1).mean()), 3),
             "hidden_positive_images": int((hidden.sum(1) > 0).sum()),
             "image_errors": len(test_errors),
+            "unseen_labels": unseen,
         },
         "backbone": runtime.backbone.name,
         "backbone_fingerprint": runtime.backbone.fingerprint,
         "class_temperature": bench.class_temperature,
+        "probe_features": probe_features,
+        "decision": {"rule": "backend.model.decision.preselect", **pre_cfg.model_dump()},
+        "calibration_bins": {"bins": bench.ece_bins, "strategy": bench.ece_binning},
+        "calibration": calibrations,
         "features": feature_counts,
         "seconds": {"data": round(data_seconds, 1), "features": round(feature_seconds, 1), "wall": round(wall, 1)},
         "machine": _machine(),
@@ -288,6 +403,48 @@ def run_bench(
         insert_readme_table(markdown["table"])
     payload["markdown"] = markdown["table"]
     return payload
+
+
+def unseen_labels_experiment(examples, feats, classes, unseen, test_feats, y_test, zero_shot, runtime, settings,
+                             taxonomy, seeds, scratch: Path, full_row: dict | None, show_progress=None) -> dict:
+    """SigRL trained as if ``unseen`` had been added to the project after training: their
+    annotations are dropped (images left without a label too), the model is trained on the
+    other labels' space, then scores the full label space. AP of the unseen labels against
+    the zero-shot AP of the same labels (and the full model's, trained with them)."""
+    from .train import train_model
+
+    held = set(unseen)
+    idx = [classes.index(c) for c in unseen]
+    pairs = [(replace(e, positives=[p for p in e.positives if p not in held]), f) for e, f in zip(examples, feats)]
+    pairs = [(e, f) for e, f in pairs if e.positives]
+    seen = [c for c in classes if c not in held]
+    seen_space = runtime.label_space(seen, taxonomy)
+    space = runtime.label_space(classes, taxonomy)
+    runs = []
+    for seed in seeds:
+        result = train_model([e for e, _ in pairs], seen_space, [f for _, f in pairs], settings,
+                             backbone=runtime.backbone, seed=seed, taxonomy=taxonomy, show_progress=show_progress)
+        predictor = served_predictor(result.model, runtime, scratch / str(seed))
+        visual, _ = predictor.logits(test_feats, space)
+        runs.append(label_subset_map(visual, y_test, idx))
+        shutil.rmtree(scratch / str(seed), ignore_errors=True)
+    zs = label_subset_map(zero_shot, y_test, idx)
+    per_label = {classes[c]: round(float(np.mean([r["AP"].get(c, float("nan")) for r in runs])), 4) for c in idx}
+    out = {
+        "labels": list(unseen),
+        "train_images": len(pairs),
+        "AP": round(float(np.mean([r["mAP"] for r in runs])), 4),
+        "AP_std": round(float(np.std([r["mAP"] for r in runs])), 4),
+        "AP_per_label": per_label,
+        "zero_shot_AP": round(zs["mAP"], 4),
+        "zero_shot_AP_per_label": {classes[c]: round(v, 4) for c, v in zs["AP"].items()},
+        "seeds": list(seeds),
+    }
+    out["gain_over_zero_shot"] = round(out["AP"] - out["zero_shot_AP"], 4)
+    if full_row and full_row.get("AP_per_label"):
+        trained = [full_row["AP_per_label"][c] for c in unseen if c in full_row["AP_per_label"]]
+        out["AP_when_trained_with_them"] = round(float(np.mean(trained)), 4) if trained else None
+    return out
 
 
 def aggregate(runs: list[dict], seeds: Sequence[int]) -> dict:
@@ -327,11 +484,11 @@ def time_full_training(train_set, space, settings, runtime, taxonomy, show_progr
     """Median wall time of training the full model on the first 1 000 annotated images."""
     from .train import train_model
 
-    examples, G, L, _ = train_set
+    examples, feats, _ = train_set
     n = min(1000, len(examples))
     seconds, epochs = [], []
     for _ in range(settings.bench.timing_repeats):
-        result = train_model(examples[:n], space, (G[:n], L[:n]), settings, backbone=runtime.backbone,
+        result = train_model(examples[:n], space, feats[:n], settings, backbone=runtime.backbone,
                              taxonomy=taxonomy, show_progress=show_progress)
         seconds.append(result.summary["train_seconds"])
         epochs.append(result.summary["epochs_run"])
@@ -339,35 +496,67 @@ def time_full_training(train_set, space, settings, runtime, taxonomy, show_progr
             "epochs": epochs, "load_average_1m": _machine().get("load_average_1m")}
 
 
+#: The issue's targets, checked on every run (medians over seeds live in the rows' means).
+GOALS = {
+    "edit_cost_vs_blank": {"partial": 0.55, "single": 0.80},
+    "zero_shot_edit_cost_vs_blank": 1.0,
+    "ECE": 0.05,
+    "mAP_over_best_linear_baseline": 0.03,
+    "hidden_recall@3_partial": 0.90,
+    "unseen_AP_over_zero_shot": 0.05,
+}
+PROBES = ("linear probe + AN-LS", "linear probe + EM")
+
+
 def acceptance(payload: dict) -> dict:
     out = {}
     for mode, res in payload["results"].items():
         rows = res["rows"]
-        if FULL not in rows:
-            continue
-        full = rows[FULL]
         checks = {}
-        if PROBE_EM in rows:
-            margin = full["mAP"] - rows[PROBE_EM]["mAP"]
-            checks["mAP_over_linear_probe_em"] = {"margin": round(margin, 4), "goal": 0.05, "met": margin >= 0.05}
         if "zero-shot" in rows:
-            margin = full["mAP"] - rows["zero-shot"]["mAP"]
-            checks["mAP_over_zero_shot"] = {"margin": round(margin, 4), "goal": 0.20, "met": margin >= 0.20}
-        k = payload["settings"]["bench"]["recall_k"]
-        key = f"hidden_recall@{k}"
-        if mode == "partial":
-            cond = full.get(key, float("nan"))
-            plain = rows.get(FULL + ", known labels ignored", {}).get(key, float("nan"))
-            cooc = rows.get(PROBE_EM + " × co-occurrence", {}).get(key, float("nan"))
-            checks[key] = {"with_conditioning": cond, "goal": 0.85, "met": cond >= 0.85,
-                           "without_conditioning": plain, "linear_probe_x_cooccurrence": cooc,
-                           "better_than_both": cond > plain and cond > cooc}
+            value = rows["zero-shot"].get("edit_cost_vs_blank")
+            goal = GOALS["zero_shot_edit_cost_vs_blank"]
+            checks["zero_shot_edit_cost_vs_blank"] = {"value": value, "goal": goal, "met": _le(value, goal)}
+        if FULL in rows:
+            full = rows[FULL]
+            goal = GOALS["edit_cost_vs_blank"][mode]
+            checks["edit_cost_vs_blank"] = {"value": full.get("edit_cost_vs_blank"), "goal": goal,
+                                            "met": _le(full.get("edit_cost_vs_blank"), goal)}
+            checks["ECE"] = {"value": full.get("ECE"), "goal": GOALS["ECE"], "met": _le(full.get("ECE"), GOALS["ECE"])}
+            probes = {n: rows[n]["mAP"] for n in PROBES if n in rows}
+            if probes:
+                best = max(probes, key=probes.get)
+                margin = full["mAP"] - probes[best]
+                goal = GOALS["mAP_over_best_linear_baseline"]
+                checks["mAP_over_best_linear_baseline"] = {"baseline": best, "margin": round(margin, 4), "goal": goal,
+                                                           "met": margin >= goal}
+            if "zero-shot" in rows:
+                checks["mAP_over_zero_shot"] = {"margin": round(full["mAP"] - rows["zero-shot"]["mAP"], 4)}
+            k = payload["settings"]["bench"]["recall_k"]
+            key = f"hidden_recall@{k}"
+            if mode == "partial":
+                cond = full.get(key, float("nan"))
+                plain = rows.get(FULL + ", known labels ignored", {}).get(key, float("nan"))
+                cooc = rows.get(PROBE_EM + " × co-occurrence", {}).get(key, float("nan"))
+                goal = GOALS["hidden_recall@3_partial"]
+                checks[key] = {"with_conditioning": cond, "goal": goal, "met": cond >= goal,
+                               "without_conditioning": plain, "linear_probe_x_cooccurrence": cooc,
+                               "better_than_both": cond > plain and cond > cooc}
+        unseen = res.get("unseen_labels")
+        if unseen:
+            goal = GOALS["unseen_AP_over_zero_shot"]
+            checks["unseen_AP_over_zero_shot"] = {"gain": unseen["gain_over_zero_shot"], "goal": goal,
+                                                  "met": unseen["gain_over_zero_shot"] >= goal}
         out[mode] = checks
     timing = payload.get("timing_1000")
     if timing:
         out["train_1000_images_seconds"] = {"median": timing["median_seconds"], "goal": 30.0,
                                             "met": timing["median_seconds"] <= 30.0}
     return out
+
+
+def _le(value, goal) -> bool:
+    return value is not None and not (isinstance(value, float) and np.isnan(value)) and value <= goal
 
 
 def _fmt(value, digits=3):
@@ -378,23 +567,51 @@ def _fmt(value, digits=3):
 
 def render_markdown(payload: dict) -> dict:
     k = payload["settings"]["bench"]["recall_k"]
+    seeds = payload["settings"]["bench"]["seeds"]
     lines = []
     for mode, res in payload["results"].items():
-        seeds = payload["settings"]["bench"]["seeds"]
         lines.append(f"\n**{SETTING_TITLES[mode]}** — {payload['data']['train_images']} training images, "
                      f"{payload['data']['test_images']} fully labelled test images; mean (± sd of mAP) over "
                      f"training seeds {', '.join(map(str, seeds))}\n")
-        lines.append(f"| method | mAP | F1@3 | recall@{k} of hidden positives | train s |")
-        lines.append("|---|---:|---:|---:|---:|")
+        lines.append(f"| method | mAP | micro-F1 | F1@3 | edit cost / task (× blank) | ECE | "
+                     f"recall@{k} of hidden positives | train s |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        blank = next((r.get("blank_edit_cost") for r in res["rows"].values() if "blank_edit_cost" in r), None)
+        if blank is not None:
+            lines.append(f"| *blank task* | | | | {_fmt(blank, 2)} (1.00) | | | |")
         for name, row in res["rows"].items():
             if row.get("conditioning_only"):
-                lines.append(f"| *{name}* | | | {_fmt(row.get(f'hidden_recall@{k}'))} | |")
+                lines.append(f"| *{name}* | | | | | | {_fmt(row.get(f'hidden_recall@{k}'))} | |")
                 continue
             std = f" ± {row['mAP_std']:.3f}" if "mAP_std" in row else ""
-            lines.append(f"| {name} | {_fmt(row['mAP'])}{std} | {_fmt(row['F1@3'])} | "
-                         f"{_fmt(row.get(f'hidden_recall@{k}'))} | {_fmt(row.get('train_seconds'), 1)} |")
+            cost = f"{_fmt(row.get('edit_cost'), 2)} ({_fmt(row.get('edit_cost_vs_blank'), 2)})"
+            lines.append(f"| {name} | {_fmt(row['mAP'])}{std} | {_fmt(row.get('micro-F1'))} | {_fmt(row['F1@3'])} | "
+                         f"{cost} | {_fmt(row.get('ECE'))} | {_fmt(row.get(f'hidden_recall@{k}'))} | "
+                         f"{_fmt(row.get('train_seconds'), 1)} |")
+        unseen = res.get("unseen_labels")
+        if unseen:
+            per = ", ".join(f"{n} {unseen['AP_per_label'][n]:.3f} vs {unseen['zero_shot_AP_per_label'].get(n, float('nan')):.3f}"
+                            for n in unseen["labels"])
+            with_them = unseen.get("AP_when_trained_with_them")
+            lines.append(f"\nUnseen labels ({', '.join(unseen['labels'])} held out of training, SigRL on the "
+                         f"other labels, {unseen['train_images']} images): AP {unseen['AP']:.3f} ± {unseen['AP_std']:.3f} "
+                         f"vs zero-shot {unseen['zero_shot_AP']:.3f} ({per})"
+                         + (f"; trained with them {with_them:.3f}" if with_them is not None else "") + ".")
+        tuned = res.get("probe_tuning") or {}
+        if tuned:
+            lines.append("\nLinear probes tuned on a validation split of the training export ("
+                         + "; ".join(f"{n}: lr {t['lr']:g}, weight decay {t['weight_decay']:g}" for n, t in tuned.items())
+                         + ").")
     timing = payload.get("timing_1000")
-    foot = (f"\nBackbone `{payload['backbone']}` (class_temperature {payload['class_temperature']:g}), "
+    dec = payload["decision"]
+    foot = (f"\nEdit cost: label toggles from the pre-selection to the truth, the pre-selection being the backend's "
+            f"own rule (`{dec['rule']}`: the fewest expected toggles, wrong tick {dec['wrong_tick_cost']:g}, missed "
+            f"tick {dec['missed_tick_cost']:g}) on each method's served probabilities; a blank task costs its number "
+            f"of labels. micro-F1 of that pre-selection (overall F1 of the multi-label literature); ECE over all "
+            f"(image, label) pairs, {payload['calibration_bins']['bins']} "
+            f"{payload['calibration_bins']['strategy'].replace('_', '-')} bins. Linear probes on the "
+            f"{payload['probe_features']} features.\n"
+            f"\nBackbone `{payload['backbone']}` (class_temperature {payload['class_temperature']:g}), "
             f"features from the FeatureStore ({payload['features']['computed']} computed, "
             f"{payload['features']['cached']} cached). Bench wall time {payload['seconds']['wall']:.0f} s "
             f"on {payload['machine']['cpu_count']} CPU cores (features {payload['seconds']['features']:.0f} s).")
@@ -409,18 +626,22 @@ def render_markdown(payload: dict) -> dict:
         "## Acceptance checks\n\n```json\n" + json.dumps(acc, indent=1) + "\n```\n\n"
         "## All figures\n\n"
     )
-    cols = [("method", "name"), ("mAP", "mAP"), ("F1@3", "F1@3"), ("F1@5", "F1@5"), ("P@3", "P@3"), ("R@3", "R@3"),
-            ("recall@1 hidden", "hidden_recall@1"), (f"recall@{k} hidden", f"hidden_recall@{k}"),
+    cols = [("method", "name"), ("mAP", "mAP"), ("micro-F1", "micro-F1"), ("macro-F1", "macro-F1"),
+            ("F1@3", "F1@3"), ("F1@5", "F1@5"), ("P@3", "P@3"), ("R@3", "R@3"),
+            ("edit cost", "edit_cost"), ("× blank", "edit_cost_vs_blank"), ("ticked/task", "selected_per_task"),
+            ("ECE", "ECE"), ("recall@1 hidden", "hidden_recall@1"), (f"recall@{k} hidden", f"hidden_recall@{k}"),
             ("mistake severity", "mistake_severity"), ("hier. dist@3", "hier_dist@3"), ("epochs", "epochs")]
     from .report import metrics_table
 
     for mode, res in payload["results"].items():
         rows = [{"name": n, **r} for n, r in res["rows"].items()]
         report += f"### {SETTING_TITLES[mode]}\n\n" + metrics_table(rows, cols) + "\n\n"
-        if f"pr_{mode}" in payload["figures"]:
-            report += f"![PR curves, {mode}]({payload['figures'][f'pr_{mode}']})\n\n"
-        if f"graph_{mode}" in payload["figures"]:
-            report += f"![learned label graph, {mode}]({payload['figures'][f'graph_{mode}']})\n\n"
+        for key, title in (("pr", "PR curves"), ("reliability", "reliability diagram"), ("graph", "learned label graph")):
+            if f"{key}_{mode}" in payload["figures"]:
+                report += f"![{title}, {mode}]({payload['figures'][f'{key}_{mode}']})\n\n"
+        if res.get("probe_tuning"):
+            report += "Probe tuning (validation split of the training export):\n\n```json\n" + \
+                json.dumps(res["probe_tuning"], indent=1) + "\n```\n\n"
     return {"table": table, "report": report}
 
 

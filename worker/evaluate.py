@@ -3,7 +3,10 @@
 The test annotations are treated as *complete* truth. Figures (see :mod:`worker.metrics`):
 mAP, P@k/R@k/F1@k (k = 1, 3, 5), recall@k of hidden positives (known labels given to the
 model), and with a taxonomy mistake severity and hierarchical distance@k — for the model
-and, beside it, for the zero-shot scores of the same backbone.
+and, beside it, for the zero-shot scores of the same backbone. What an annotator would see:
+the backend's pre-selection (:func:`backend.model.decision.preselect` on the served
+probabilities) scored by edit cost per task (and a blank task's), micro-/macro-F1, and the
+probabilities' expected calibration error (``calibration`` holds the reliability bins).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 from backend.errors import ConfigError
 from backend.labels import LabelSpace
 
-from .metrics import evaluate_scores, hidden_recall_at_k, hide_positives
+from .metrics import calibration, evaluate_scores, hidden_recall_at_k, hide_positives, selection_metrics
 from .train import targets
 
 log = logging.getLogger(__name__)
@@ -44,8 +47,27 @@ def evaluate_features(
     taxonomy=None,
     hidden_seed: int = 1,
     recall_ks: Sequence[int] = (1, 3),
+    preannotation=None,
+    ece_bins: int = 15,
+    ece_binning: str = "equal_mass",
 ) -> dict:
-    """``{"model": {...}, "zero_shot": {...}}`` for images with complete label sets."""
+    """``{"model": {...}, "zero_shot": {...}}`` for images with complete label sets.
+
+    ``preannotation``: the ``backend.preannotation`` settings whose decision rule makes the
+    pre-selection (default: the configured ones)."""
+    from backend.model.decision import preselect
+
+    if preannotation is None:
+        from backend.settings import get_settings
+
+        preannotation = get_settings().backend.preannotation
+
+    def annotator_view(probabilities) -> dict:
+        out_ = selection_metrics(probabilities, preselect(probabilities, preannotation), y,
+                                 bins=ece_bins, strategy=ece_binning)
+        out_["calibration"] = calibration(probabilities, y, ece_bins, ece_binning)
+        return out_
+
     y = targets(label_sets, space.names)
     if y.sum() == 0:
         raise ConfigError("the test export has no labels of the model's label set")
@@ -60,9 +82,11 @@ def evaluate_features(
     out["model"]["unconditioned_hidden_recall"] = {
         f"@{k}": round(hidden_recall_at_k(visual, known, hidden, k), 4) for k in recall_ks
     }
+    out["model"].update(annotator_view(predictor.probabilities(features, space)))
     if zero_shot is not None:
         zs = zero_shot.probabilities(features, space)
         out["zero_shot"] = evaluate_scores(
             zs, y, names=space.names, known=known, hidden=hidden, recall_ks=recall_ks, taxonomy=taxonomy
         )
+        out["zero_shot"].update(annotator_view(zs))
     return out

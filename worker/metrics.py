@@ -13,6 +13,23 @@
   wrong, the LCA distance to the nearest true label, averaged over the mistakes — and
   ``hierarchical distance@k`` — the mean over the top-k predictions of the LCA distance to
   the nearest true label (0 when correct), averaged over images.
+
+What an annotator feels, on a *selection* ``S [N, C]`` (bool; in the benchmark the backend's
+own decision rule, :func:`backend.model.decision.decide`, applied to served probabilities):
+
+- ``edit cost`` (:func:`edit_cost`): label toggles that turn the selection into the truth,
+  ``|S_i △ Y_i|`` per task; a blank task (``S_i = ∅``) costs ``|Y_i|``;
+- ``micro-F1`` (:func:`selection_f1`, the *overall F1* OF1 of ML-GCN / Q2L papers):
+  ``2 TP / (2 TP + FP + FN)`` summed over every (task, label) pair; beside it the per-label
+  (*class*) CF1 ``macro-F1``; unlike ``F1@k`` they score the selection an annotator sees, not
+  a fixed top-k;
+- ``ECE`` (:func:`calibration`): expected calibration error of the probabilities over every
+  (task, label) pair, ``Σ_b (n_b / n) |mean(y)_b − mean(p)_b|`` over ``bins`` bins, either
+  equal-width on [0, 1] or *equal-mass* (quantile bins, each holding ~n / bins pairs;
+  default, because most pairs of a multi-label task have p near 0 and equal-width bins leave
+  the informative middle nearly empty); with the bins for a reliability diagram;
+- ``unseen-label AP`` (:func:`label_subset_map`): the mAP over a subset of labels (those held
+  out of training).
 """
 
 from __future__ import annotations
@@ -121,6 +138,106 @@ def hierarchical_distance_at_k(scores, y, taxonomy, names: Sequence[str], k: int
             continue
         values.append(np.mean([0 if t[i, c] else _nearest_lca(taxonomy, names, int(c), t[i]) for c in top[i]]))
     return float(np.mean(values)) if values else float("nan")
+
+
+def edit_cost(selected, y) -> np.ndarray:
+    """``[N]`` toggles from the selection to the truth: ``|S_i △ Y_i|`` (both 0/1 ``[N, C]``)."""
+    return ((_np(selected) > 0) != (_np(y) > 0)).sum(1).astype(np.float64)
+
+
+def selection_f1(selected, y) -> dict:
+    """micro-F1 (OF1: one ``2TP / (2TP + FP + FN)`` over all pairs), macro-F1 (CF1: mean of the
+    per-label F1 over labels with a positive or a selection), and the micro precision/recall."""
+    s, t = _np(selected) > 0, _np(y) > 0
+    tp, fp, fn = (s & t).sum(0), (s & ~t).sum(0), (~s & t).sum(0)
+    TP, FP, FN = int(tp.sum()), int(fp.sum()), int(fn.sum())
+    micro = 2 * TP / (2 * TP + FP + FN) if TP + FP + FN else float("nan")
+    denom = 2 * tp + fp + fn
+    per_label = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), np.nan)
+    return {
+        "micro-F1": float(micro),
+        "macro-F1": float(np.nanmean(per_label)) if np.isfinite(per_label).any() else float("nan"),
+        "micro-precision": TP / (TP + FP) if TP + FP else float("nan"),
+        "micro-recall": TP / (TP + FN) if TP + FN else float("nan"),
+    }
+
+
+def calibration(probabilities, y, bins: int = 15, strategy: str = "equal_mass") -> dict:
+    r"""Expected calibration error over every (task, label) pair, with the bins.
+
+    ``ECE = Σ_b (n_b / n) |ȳ_b − p̄_b|`` where bin b holds n_b pairs with mean probability
+    p̄_b and observed frequency ȳ_b. ``strategy``: ``equal_width`` (b = ⌊p · bins⌋) or
+    ``equal_mass`` (bins at the quantiles of p; ties kept together, so there may be fewer).
+
+    Returns ``{"ECE", "bins": [{"lo", "hi", "count", "mean_p", "frequency"}], "strategy"}``.
+    """
+    p = _np(probabilities).astype(np.float64).ravel()
+    t = (_np(y) > 0).astype(np.float64).ravel()
+    if p.shape != t.shape:
+        raise ValueError(f"probabilities {p.shape} and labels {t.shape} differ")
+    if p.size == 0:
+        return {"ECE": float("nan"), "bins": [], "strategy": strategy}
+    if strategy == "equal_width":
+        edges = np.linspace(0.0, 1.0, bins + 1)
+    elif strategy == "equal_mass":
+        edges = np.unique(np.quantile(p, np.linspace(0.0, 1.0, bins + 1)))
+        edges[0], edges[-1] = min(edges[0], 0.0), max(edges[-1], 1.0)
+    else:
+        raise ValueError(f"unknown binning {strategy!r} (equal_width, equal_mass)")
+    # Bin b = [edges[b], edges[b+1]); the last bin includes 1.
+    index = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, len(edges) - 2)
+    out_bins, ece = [], 0.0
+    for b in range(len(edges) - 1):
+        sel = index == b
+        n = int(sel.sum())
+        if n == 0:
+            continue
+        mean_p, freq = float(p[sel].mean()), float(t[sel].mean())
+        ece += n / p.size * abs(freq - mean_p)
+        out_bins.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": n,
+                         "mean_p": round(mean_p, 4), "frequency": round(freq, 4)})
+    return {"ECE": round(float(ece), 4), "bins": out_bins, "strategy": strategy}
+
+
+def label_subset_map(scores, y, labels: Sequence[int]) -> dict:
+    """``{"mAP", "AP": {label index: AP}}`` over the given label indices that have a positive."""
+    aps = {c: v for c, v in average_precisions(scores, y).items() if c in set(labels)}
+    return {"mAP": _mean(aps), "AP": aps}
+
+
+def observed_label_auc(scores, observed) -> float:
+    r"""Mean over labels of the ROC-AUC of *observed* positives against everything else — a
+    model-selection criterion for partial labels that does not punish finding true labels
+    nobody annotated.
+
+    With labels missing completely at random (each positive of label c observed with a rate
+    :math:`e_c`), the unobserved are a mixture of negatives (weight :math:`w_c`) and unobserved
+    positives ranked like the observed ones, so
+    :math:`\mathrm{AUC}_{obs} = w_c\,\mathrm{AUC} + (1 - w_c)/2`: an increasing affine function of
+    the true AUC, whatever the model (the mAP of partial labels has no such property). Labels
+    without an observed positive, or with nothing unobserved, are skipped.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    s, t = _np(scores).astype(np.float64), _np(observed) > 0
+    aucs = [roc_auc_score(t[:, c], s[:, c]) for c in range(t.shape[1]) if 0 < t[:, c].sum() < t.shape[0]]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def selection_metrics(probabilities, selected, y, *, bins: int = 15, strategy: str = "equal_mass") -> dict:
+    """What an annotator sees of a selection and its probabilities: edit cost per task (and a
+    blank task's), micro/macro-F1, labels ticked per task, ECE."""
+    cost = edit_cost(selected, y)
+    blank = _np(y).astype(bool).sum(1).astype(np.float64)
+    cal = calibration(probabilities, y, bins, strategy)
+    return _round({
+        "edit_cost": float(cost.mean()),
+        "blank_edit_cost": float(blank.mean()),
+        "edit_cost_vs_blank": float(cost.mean() / blank.mean()) if blank.mean() > 0 else float("nan"),
+        "selected_per_task": float((_np(selected) > 0).sum(1).mean()),
+        **selection_f1(selected, y),
+        "ECE": cal["ECE"],
+    })
 
 
 def evaluate_scores(

@@ -42,6 +42,31 @@ def plot_pr_curves(path: Path, curves_by_method: dict[str, dict], title: str = "
     return path
 
 
+def plot_reliability(path: Path, calibrations: dict[str, dict], title: str = "") -> Path:
+    """Reliability diagram: observed frequency against mean probability per bin, one line per
+    method (``calibrations[name]`` is :func:`worker.metrics.calibration`'s output), marker
+    area ∝ pairs in the bin; the diagonal is perfect calibration."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="calibrated")
+    for name, cal in calibrations.items():
+        bins = cal.get("bins") or []
+        if not bins:
+            continue
+        total = sum(b["count"] for b in bins)
+        xs, ys = [b["mean_p"] for b in bins], [b["frequency"] for b in bins]
+        line = ax.plot(xs, ys, marker="", linewidth=1.2, label=f"{name} (ECE {cal['ECE']:.3f})")[0]
+        ax.scatter(xs, ys, s=[8 + 400 * b["count"] / total for b in bins], color=line.get_color(), alpha=0.6)
+    strategy = next((c.get("strategy") for c in calibrations.values()), "")
+    ax.set(xlabel="mean predicted probability", ylabel="observed frequency", xlim=(0, 1), ylim=(0, 1),
+           title=(title + "\n" if title else "") + f"reliability ({strategy.replace('_', '-')} bins)")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 @torch.no_grad()
 def gmc_attention(module, embeddings: torch.Tensor, graph) -> torch.Tensor:
     """``[C, C]`` attention of the first GATv2 layer (mean over heads), ``A[i, j]`` = how
@@ -124,11 +149,16 @@ def eval_report(out_dir, predictor, features, examples, space, payload: dict) ->
     if zs is not None:
         curves["zero-shot"] = pr_curves(zs, y, space.names)
     plot_pr_curves(out / "pr_curves.png", curves, title=predictor.version)
+    cals = {"SigRL": payload.get("calibration"), "zero-shot": payload.get("zero_shot", {}).get("calibration")}
+    cals = {name: cal for name, cal in cals.items() if cal}
+    if cals:
+        plot_reliability(out / "reliability.png", cals, title=predictor.version)
     graph, H, _ = predictor.prepare(space)
     A = gmc_attention(predictor.module, space.embeddings.to(predictor.device), graph)
     plot_label_graph(out / "label_graph.png", space.names, A, graph.cond.cpu())
     (out / "eval.json").write_text(json.dumps(payload, indent=2))
-    keys = [k for k in ("mAP", "F1@3", "F1@5", "P@3", "R@3", "hidden_recall@3", "mistake_severity", "hier_dist@3")
+    keys = [k for k in ("mAP", "micro-F1", "F1@3", "F1@5", "P@3", "R@3", "edit_cost", "blank_edit_cost",
+                        "edit_cost_vs_blank", "ECE", "hidden_recall@3", "mistake_severity", "hier_dist@3")
             if k in payload]
     rows = [{"name": "SigRL", **payload}, {"name": "zero-shot", **payload.get("zero_shot", {})}]
     table = metrics_table(rows, [("", "name")] + [(k, k) for k in keys])
@@ -139,8 +169,12 @@ def eval_report(out_dir, predictor, features, examples, space, payload: dict) ->
         f"{payload.get('labels')} labels, backbone `{payload['backbone']}`.\n\n{table}\n\n"
         f"recall@k of hidden positives: for each test image with ≥ 2 labels a random subset of its "
         f"labels is hidden, the rest given as known; the model ranks the other labels.\n\n"
+        f"Edit cost: label toggles from the backend's pre-selection (the fewest expected toggles given "
+        f"the served probabilities) to the truth; a blank task costs its number of labels. ECE: expected "
+        f"calibration error over all (image, label) pairs.\n\n"
         f"## Precision–recall curves\n\n![PR curves](pr_curves.png)\n\n"
-        f"## Learned label graph\n\n![label graph](label_graph.png)\n\n"
+        + ("## Reliability\n\n![reliability diagram](reliability.png)\n\n" if cals else "")
+        + f"## Learned label graph\n\n![label graph](label_graph.png)\n\n"
         f"## AP per label\n\n| label | AP |\n|---|---:|\n{per_label}\n"
     )
     (out / "report.md").write_text(text)

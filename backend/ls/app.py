@@ -200,7 +200,7 @@ def create_app(settings=None, *, runtime=None, redis=_AUTO, served=None, backgro
             log.warning("/setup for project %s refused: hostname %r is not an http(s) URL", project, hostname)
             return _error(f"'hostname' must be Label Studio's http(s) URL, got {hostname!r}", 400)
         service.remember_setup(project, hostname, data.get("access_token"))
-        version = service.predictor(project).version
+        version = service.model_version(project)
         if webhook_auth is not None:
             webhook_auth.ensure(project, service.connection(project), request.host)
         return jsonify({"model_version": version})
@@ -264,7 +264,7 @@ def create_app(settings=None, *, runtime=None, redis=_AUTO, served=None, backgro
         if not service.ready:
             return _error("the model is still loading", 503)
         return jsonify({"versions": service.versions(project),
-                        "model_version": service.predictor(project).version if project else
+                        "model_version": service.model_version(project) if project else
                         service.zero_shot_version})
 
     @app.route("/train", methods=["POST"])

@@ -105,6 +105,42 @@ def _textareas(config: ProjectConfig, lines: list[str]) -> list[dict]:
     ]
 
 
+def add_note(config: ProjectConfig, entry: dict, line: str) -> dict:
+    """Append ``line`` to the reasons text area(s) of a prediction entry (added when the entry
+    has none yet; nothing happens for a config without a reasons ``<TextArea>``)."""
+    if "result" not in entry or not config.reasons:
+        return entry
+    areas = [r for r in entry["result"] if r.get("type") == "textarea" and r.get("from_name") in config.reasons]
+    if areas:
+        for area in areas:
+            area["value"]["text"].append(line)
+    else:
+        entry["result"].extend(_textareas(config, [line]))
+    return entry
+
+
+def unserved_note(notice: Mapping, served_version: str) -> tuple[str, str]:
+    """(short tag for the model version, sentence for the reasons text) of a version that was
+    trained but is not served (``ModelStore.unserved``)."""
+    version, gate = notice.get("version") or "?", notice.get("gate") or {}
+    if notice.get("kind") == "load":
+        return (f"{version} not served: it failed to load",
+                f"Served model: {served_version}. Version {version} is current but could not be loaded: "
+                f"{notice.get('reason')}")
+    value, base = gate.get("value"), gate.get("baseline_value")
+    if value is not None and base is not None:
+        why = f"held-out {gate.get('metric')} {value:.3f} < {base:.3f} - {gate.get('margin', 0):g}"
+    else:
+        why = str(notice.get("reason") or "kept by the promotion gate")[:120]
+    summary = notice.get("data_summary") or {}
+    tasks = ""
+    if summary.get("train_tasks") is not None:
+        tasks = f" on {summary['train_tasks']} tasks ({summary.get('holdout_tasks', 0)} more held out to compare)"
+    return (f"latest training {version} not served: {why}",
+            f"Served model: {served_version}. The latest training{tasks}, version {version}, was kept but "
+            f"not served: {notice.get('reason')}.")
+
+
 def preannotation(
     config: ProjectConfig,
     scores: Mapping[tuple[str, str], Sequence[float]],

@@ -101,6 +101,9 @@ class BackendService:
         self.started_at = time.time()
         self.loaded_in_s: float | None = None
         self.review = None
+        # project → (store history stamp, note of a trained-but-unserved version or None)
+        self._unserved: dict[str, tuple[tuple | None, tuple[str, str] | None]] = {}
+        self._unserved_lock = threading.Lock()
         self._start_threads = start_threads
         if self._redis_auto:
             self.redis  # first connection attempt now (logged when none answers)
@@ -233,6 +236,37 @@ class BackendService:
         predictor = self.served.get(project) if project is not None else self.served.fallback
         metrics.set_model(project or "-", predictor.version, self.backbone_name)
         return predictor
+
+    def unserved_note(self, project: str | None, served_version: str) -> tuple[str, str] | None:
+        """(tag, sentence) when the project's latest training is not what is served (the
+        promotion gate kept the old version, or it failed to load); None otherwise. Read from
+        the store's history, again only when the history changed."""
+        if self.store is None or project is None:
+            return None
+        try:
+            stamp = self.store.history_stamp(project)
+            with self._unserved_lock:
+                hit = self._unserved.get(project)
+            if hit is not None and hit[0] == stamp:
+                notice = hit[1]
+            else:
+                notice = self.store.unserved(project) if stamp is not None else None
+                with self._unserved_lock:
+                    self._unserved[project] = (stamp, notice)
+        except Exception as exc:  # noqa: BLE001 - a note, never an error
+            log.warning("project %s: cannot read the model history (%s)", project, exc)
+            return None
+        return results.unserved_note(notice, served_version) if notice else None
+
+    def model_version(self, project: str | None, predictor=None) -> str:
+        """The version Label Studio shows and tags predictions with: the served predictor's,
+        plus why the latest training is not served when that is so. Label Studio re-asks for
+        the predictions of tasks whose stored predictions carry another version, so a refused
+        training also brings the explanation into every task's prediction on *Retrieve
+        predictions*."""
+        version = (predictor or self.predictor(project)).version
+        note = self.unserved_note(project, version)
+        return f"{version} ({note[0]})" if note else version
 
     def served_versions(self) -> dict[str, str]:
         """Version each project is served with in this process (without loading anything)."""
@@ -440,7 +474,8 @@ class BackendService:
         the entries then carry those labels plus the likely-missing ones, with reasons."""
         config = self.project_config(xml)
         predictor = self.predictor(project)
-        version = predictor.version
+        version = self.model_version(project, predictor)
+        note = self.unserved_note(project, predictor.version)
         partial = context.get("result") if isinstance(context, Mapping) else None
         kind = "interactive" if isinstance(partial, list) else "preannotation"
         conn = self.connection(project)
@@ -468,6 +503,9 @@ class BackendService:
                 entries[i] = results.suggestions(
                     config, chosen, {key: rows[j] for key, rows in sugg.items()}, version, ignored=unknown,
                 )
+        if note is not None:
+            for i in ok:
+                results.add_note(config, entries[i], note[1])
         for i, err in enumerate(errors):
             if err is not None:
                 log.warning("project %s: no prediction for %s", project or "-", err)

@@ -134,3 +134,9 @@ class BenchSettings(_Section):
     class_temperature: float = Field(16.0, gt=0.0)
     timing_repeats: int = Field(3, ge=1)
     recall_k: int = Field(3, ge=1)
+    unseen_labels: list[str] = ["Sandal", "Coat"]
+    ece_bins: int = Field(15, ge=2)
+    ece_binning: Literal["equal_mass", "equal_width"] = "equal_mass"
+    tune_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    probe_lr: list[float] = [0.002, 0.01, 0.05]
+    probe_weight_decay: list[float] = [0.0001, 0.01, 0.1]
