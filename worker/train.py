@@ -459,6 +459,8 @@ def train_model(
 
     def forward(batch, known, targets=None):
         out = module(batch, H_dev, graph, known, targets=targets, train_known=module.training)
+        if module.training:  # the loss trains the heads at their own scale
+            return out.head_logits, out.reconstruction_loss, out.head_visual, out.cooc_logits
         return out.logits, out.reconstruction_loss, out.visual_logits, out.cooc_logits
 
     outcome = fit(

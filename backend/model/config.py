@@ -27,6 +27,9 @@ class ModelSettings(_Section):
     adapter_dropout: float = Field(0.3, ge=0.0, lt=1.0)
     native_global_rank: int = Field(0, ge=0)
     native_local_rank: int = Field(128, ge=0)
+    # Scale of the heads' cosine scores in training (their output is mapped back to the
+    # zero-shot scale, and calibrated after training).
+    logit_scale: float = Field(14.0, gt=0.0)
     # GMC: two GATv2 layers over the label graph.
     use_gmc: bool = True
     gat_heads: int = Field(4, ge=1)
@@ -47,7 +50,7 @@ class ModelSettings(_Section):
     use_known: bool = True
     known_cooc_init: float = 1.0
     # Labels without training annotations: weight of the unadapted-feature path (0..1).
-    unseen_raw_weight: float = Field(1.0, ge=0.0, le=1.0)
+    unseen_raw_weight: float = Field(0.0, ge=0.0, le=1.0)
 
 
 class LossSettings(_Section):
