@@ -121,8 +121,12 @@ def test_save_load_serve_and_suggest(trained, fashion_set, runtime, tmp_path):
     assert predictor.version == f"sigrl-{meta['model_id']}@{runtime.backbone.name}"
     feats = fashion_set["test"]["features"][:8]
     probs = predictor.probabilities(feats, space)
-    expected = torch.sigmoid(_test_scores(result.model, space, fashion_set)[:8])
+    # served probabilities are the heads' logits through the saved per-label calibration
+    calibration = predictor.model.calibration["visual"]
+    expected = calibration.probabilities(_test_scores(result.model, space, fashion_set)[:8], space.names)
     assert torch.allclose(probs, expected, atol=1e-5)
+    assert meta["calibration"]["visual"]["names"] == space.names
+    assert 0.05 <= calibration.shared_rate <= 1.0
 
     # Known labels change the ranking of the others; suggestions carry plain-data reasons.
     taxonomy = Taxonomy.from_yaml(config_dir() / "bench" / "fashion_taxonomy.yaml")

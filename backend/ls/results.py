@@ -3,8 +3,8 @@
 What each prediction holds (one ``choices`` result per served ``<Choices>``/``<Image>`` pair):
 
 - **pre-annotation** — ``value.choices``: the labels the decision rule picks from the calibrated
-  probabilities (fewest expected toggles, :mod:`backend.model.decision`; possibly none — then
-  no choices region; only the most likely one for a single-choice ``<Choices>``); result
+  probabilities (fewest expected toggles, :mod:`backend.model.decision`; possibly none; only
+  the most likely one for a single-choice ``<Choices>``); result
   ``score``: their mean probability; ``meta.scores``: every label's probability, most likely
   first; prediction ``score``: the mean over the pairs.
 - **suggestions** (interactive pre-annotation, review after submit) — ``value.choices``: the
@@ -155,7 +155,7 @@ def preannotation(
     """The pre-annotation prediction of one task. ``scores[(control, object)]`` holds the
     probabilities of that binding's labels, in the binding's label order; ``selected``, the
     same shape, the decision rule's choices (``backend.model.decision.preselect``; may be
-    none — then the binding gets no choices region); without it, the threshold rule."""
+    none: an empty choice list, the scores still in ``meta``); without it, the threshold rule."""
     result, lines, confidences = [], [], []
     for b in config.bindings:
         probs = [float(p) for p in scores[(b.control, b.object)]]
@@ -178,8 +178,7 @@ def preannotation(
             "threshold": threshold,
             "text": text,
         }
-        if picked:
-            result.append(_choices_region(b, [names[i] for i in picked], confidence, meta))
+        result.append(_choices_region(b, [names[i] for i in picked], confidence, meta))
         prefix = f"{b.control}: " if len(config.bindings) > 1 else ""
         lines.append(f"{prefix}scores {text}")
     result.extend(_textareas(config, lines))
