@@ -50,7 +50,7 @@ class ModelSettings(_Section):
     use_known: bool = True
     known_cooc_init: float = 1.0
     # Labels without training annotations: weight of the unadapted-feature path (0..1).
-    unseen_raw_weight: float = Field(0.0, ge=0.0, le=1.0)
+    unseen_raw_weight: float = Field(1.0, ge=0.0, le=1.0)
 
 
 class LossSettings(_Section):
