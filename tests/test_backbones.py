@@ -54,7 +54,8 @@ def test_packaged_native_features_are_the_pooled_map_and_the_7x7_map(runtime):
     assert torch.allclose(features.native_local.mean(0), features.native_global, atol=2e-2)
     encoded = backbone.encode_images([Image.open(photo("dog")).convert("RGB")])
     assert torch.allclose(encoded.native_global[0], features.native_global, atol=2e-2, rtol=1e-2)  # fp16 cache
-    logits = backbone.image_model.classifier(encoded.native_global)  # the pool feeds the classifier
+    with torch.inference_mode():
+        logits = backbone.image_model.classifier(encoded.native_global)  # the pool feeds the classifier
     assert logits.shape == (1, 1000)
 
 
