@@ -27,6 +27,38 @@ def test_second_request_reads_the_cache(runtime, sample_images):
     assert runtime.features.hits - before_hits >= 4
     for a, b in zip(first, second):
         assert torch.equal(a.global_, b.global_) and torch.equal(a.local, b.local)
+        # the native features are cached too, in the storage precision (fp16)
+        assert torch.equal(a.native_global, b.native_global) and torch.equal(a.native_local, b.native_local)
+        assert a.native_local.shape == (49, 1280)
+
+
+def test_the_cache_key_changes_with_the_preprocessing(tmp_path, settings, runtime, sample_images):
+    """Features made with another preprocessing (or feature version) live under another
+    fingerprint: a store never returns features made another way."""
+    from backend.backbones import create_backbone
+    from backend.backbones.base import FEATURE_VERSION
+    from backend.settings import Settings
+
+    data = settings.model_dump()
+    data["backbone"]["image_fit"] = "crop"
+    crop = create_backbone(Settings(**data), kind="packaged", text_cache=runtime.text_cache)
+    assert crop.fingerprint != runtime.backbone.fingerprint
+    pad_store, crop_store = FeatureStore(tmp_path, runtime.backbone), FeatureStore(tmp_path, crop)
+    assert pad_store.dir != crop_store.dir
+    blob = runtime.loader.fetch(str(sample_images["astronaut"]))
+    (padded,) = pad_store.get_or_compute([blob])
+    assert crop_store.get(blob.key) is None  # not a hit for the other preprocessing
+    (cropped,) = crop_store.get_or_compute([blob])
+    assert crop_store.computed == 1 and not torch.equal(padded.native_global, cropped.native_global)
+    # the feature version is part of the fingerprint as well
+    import backend.backbones.base as base
+
+    before = runtime.backbone.fingerprint
+    base.FEATURE_VERSION = FEATURE_VERSION + 1
+    try:
+        assert runtime.backbone.fingerprint != before
+    finally:
+        base.FEATURE_VERSION = FEATURE_VERSION
 
 
 def test_duplicates_within_one_batch_are_encoded_once(tmp_path, runtime, sample_images):
@@ -102,7 +134,9 @@ def test_fp16_storage_and_size(tmp_path, runtime, sample_images):
     store.get_or_compute([blob])
     with np.load(store.path(blob.key)) as data:
         assert data["local"].dtype == np.float16 and data["local"].shape == (49, 384)
-    assert store.path(blob.key).stat().st_size < 49 * 384 * 2 + 384 * 2 + 1024
+        assert data["native_local"].dtype == np.float16 and data["native_local"].shape == (49, 1280)
+    width = 384 + 1280  # aligned + native, every location and the pooled vector, 2 bytes each
+    assert store.path(blob.key).stat().st_size < 50 * width * 2 + 2048
 
 
 def test_gc_drops_least_recently_used_first(tmp_path):

@@ -214,3 +214,59 @@ def test_every_parameter_is_label_independent():
         graph = label_graph(CooccurrenceStats(), [f"x{i}" for i in range(C)], H, cfg)
         assert model(batch, H, graph).logits.shape == (2, C)
     assert {n: tuple(p.shape) for n, p in model.named_parameters()} == shapes
+
+
+def test_a_fresh_model_serves_exactly_the_zero_shot_probabilities_on_real_photos(runtime):
+    """Real packaged features (native 1280-d + text-aligned) of real photos: the untrained
+    heads, served through the predictor with the identity calibration, give the zero-shot
+    predictor's probabilities — without and with known labels."""
+    from backend.model.checkpoint import TrainedModel
+    from backend.model.serving import SigRLPredictor
+    from tests.helpers.photos import PHOTOS, photo
+
+    feats = runtime.features_for([str(photo(n)) for n in PHOTOS])
+    labels = ["dog", "bicycle", "truck", "horse", "person", "kite", "giraffe", "bird"]
+    space = runtime.label_space(labels)
+    bb = runtime.backbone
+    module = SigRL(bb.dim, ModelSettings(), bb.zero_shot_scale, bb.zero_shot_bias, bb.native_dim)
+    from backend.features import stack_all
+
+    module.fit_feature_stats(stack_all(feats))
+    stats = CooccurrenceStats.from_label_sets([["dog", "bicycle"], ["horse", "person"], ["dog", "truck"]])
+    predictor = SigRLPredictor(TrainedModel(module, labels, stats, {"name": bb.name}))
+    expected = runtime.zero_shot(feats, space)
+    assert torch.allclose(predictor.probabilities(feats, space), expected, atol=1e-5)
+    known = [["dog"], ["horse", "person"]] + [[]] * (len(feats) - 2)
+    assert torch.allclose(predictor.probabilities(feats, space, known), expected, atol=1e-5)
+
+
+def test_heads_that_learnt_nothing_useful_are_shrunk_back_to_zero_shot():
+    """Small projects: the blend weight of the heads against the zero-shot model they started
+    from is chosen on held-out images; heads worse than zero-shot there are not served."""
+    from worker.train import choose_heads_weight, observed_auc
+
+    cfg = ModelSettings(adapter_hidden=8, gat_hidden=8, attn_dim=8, native_local_rank=8)
+    C, B = 6, 60
+    names = [f"l{i}" for i in range(C)]
+    H = _unit(C, D, seed=20)
+    gen = torch.Generator().manual_seed(21)
+    Y = (torch.rand(B, C, generator=gen) < 0.3).float()
+    # aligned features that point at each image's labels: zero-shot ranks them well
+    g = F.normalize(Y @ H + 0.3 * torch.randn(B, D, generator=gen), dim=-1)
+    l = F.normalize(g[:, None, :] + 0.3 * torch.randn(B, P, D, generator=gen), dim=-1)
+    nl = torch.randn(B, P, NATIVE, generator=gen).relu()
+    batch = EncodedImages(nl.mean(1), nl, g, l)
+    model = SigRL(D, cfg, 14.0, 0.3, native_dim=NATIVE)
+    model.fit_feature_stats(batch)
+    _trained_like(model, seed=22).eval()  # "trained" on noise
+    graph = label_graph(_stats(), names, H, cfg)
+
+    def forward(b, known, targets=None):
+        out = model(b, H, graph, known)
+        return out.logits, None, out.visual_logits, None
+
+    val = torch.arange(B)
+    w, scores = choose_heads_weight(model, forward, batch, H, Y, val, [0.0, 0.5, 1.0], torch.device("cpu"))
+    assert scores[0.0] > scores[1.0] and w < 1.0
+    served = model(batch, H, graph).logits
+    assert observed_auc(served, Y) >= scores[1.0]  # what is served is at least as good as the heads

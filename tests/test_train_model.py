@@ -121,8 +121,12 @@ def test_save_load_serve_and_suggest(trained, fashion_set, runtime, tmp_path):
     assert predictor.version == f"sigrl-{meta['model_id']}@{runtime.backbone.name}"
     feats = fashion_set["test"]["features"][:8]
     probs = predictor.probabilities(feats, space)
-    expected = torch.sigmoid(_test_scores(result.model, space, fashion_set)[:8])
+    # served probabilities are the heads' logits through the saved per-label calibration
+    calibration = predictor.model.calibration["visual"]
+    expected = calibration.probabilities(_test_scores(result.model, space, fashion_set)[:8], space.names)
     assert torch.allclose(probs, expected, atol=1e-5)
+    assert meta["calibration"]["visual"]["names"] == space.names
+    assert 0.05 <= calibration.shared_rate <= 1.0
 
     # Known labels change the ranking of the others; suggestions carry plain-data reasons.
     taxonomy = Taxonomy.from_yaml(config_dir() / "bench" / "fashion_taxonomy.yaml")
@@ -188,3 +192,29 @@ def test_a_label_without_training_annotations_is_still_scored(fashion_set, runti
     truth = [held in labels for labels in fashion_set["test"]["labels"]]
     auc = roc_auc_score(truth, scores.numpy())
     assert auc > 0.6, auc
+
+
+def test_single_positive_training_applies_no_untrained_known_label_term(fashion_set, runtime, settings):
+    """With one chosen label per image the known-label expert never sees a training example
+    (a known label needs a second chosen one to predict): at inference it must contribute
+    nothing — known labels leave every probability as it is."""
+    observed = partial_labels(fashion_set["train"]["labels"], "single", np.random.default_rng(0))
+    examples = [Example(str(p), names) for p, names in zip(fashion_set["train"]["paths"], observed)]
+    space = runtime.label_space(fashion_set["classes"])
+    cfg = FAST.model_copy(update={"epochs": 3, "patience": 3})
+    result = train_model(examples, space, fashion_set["train"]["batch"], settings, backbone=runtime.backbone,
+                         train_cfg=cfg, show_progress=False)
+    assert result.summary["known_samples"] == 0 and result.summary["known_expert"] is False
+    assert float(result.model.module.known_active) == 0.0
+    assert "conditional" not in result.model.calibration
+    from backend.model.serving import SigRLPredictor
+
+    predictor = SigRLPredictor(result.model)
+    feats = fashion_set["test"]["features"][:16]
+    known = [labels[:1] for labels in fashion_set["test"]["labels"][:16]]
+    assert torch.equal(predictor.probabilities(feats, space, known), predictor.probabilities(feats, space))
+    # ... while partial labels (images with several chosen labels) do train it.
+    partial, _ = _examples(fashion_set)
+    trained = train_model(partial, space, fashion_set["train"]["batch"], settings, backbone=runtime.backbone,
+                          train_cfg=cfg, show_progress=False)
+    assert trained.summary["known_expert"] is True and float(trained.model.module.known_active) == 1.0

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from backend.backbones import resolve_device
 from backend.features import EncodedImages
-from backend.model.calibration import Calibration, fit_calibration
+from backend.model.calibration import Calibration, fit_calibration, fit_options
 from backend.model.config import CalibrationSettings, LossSettings, TrainSettings
 from backend.model.cooccurrence import CooccurrenceStats, smoothed_conditional
 from backend.model.sigrl import FeatureNorm
@@ -89,7 +89,7 @@ def train_linear_probe(
     zero_shot: torch.Tensor | None = None,
     similarity: torch.Tensor | None = None,
     show_progress: bool | None = None,
-    grid: Sequence[tuple[float, float]] | None = PROBE_GRID,
+    grid: Sequence[tuple[float, float]] | None = None,
     calibration_cfg: CalibrationSettings | None = None,
 ) -> ProbeResult:
     """Train the probe on pooled features ``G [N, F]`` (pass the native pooled features for
@@ -125,9 +125,7 @@ def train_linear_probe(
     if len(val_idx) > 0:
         ccfg = calibration_cfg or CalibrationSettings()
         z = predict_logits(module, forward, features, val_idx, device)
-        calibration = fit_calibration(z, Y[val_idx], names, shrinkage=ccfg.shrinkage,
-                                      rate_shrinkage=ccfg.rate_shrinkage, min_rate=ccfg.min_observation_rate,
-                                      prior_strength=ccfg.prior_strength, iterations=ccfg.iterations)
+        calibration = fit_calibration(z, Y[val_idx], names, **fit_options(ccfg))
     module.cpu()
     stats = CooccurrenceStats.from_label_sets(label_sets)
     summary = {"train_seconds": round(time.perf_counter() - t0, 3), "epochs_run": outcome.epochs_run,

@@ -49,7 +49,7 @@ from backend.backbones import resolve_device
 from backend.errors import ConfigError
 from backend.features import EncodedImages, FeatureStore
 from backend.labels import LabelSpace
-from backend.model.calibration import Calibration, fit_calibration
+from backend.model.calibration import fit_calibration, fit_options
 from backend.model.checkpoint import TrainedModel
 from backend.model.config import CalibrationSettings, LossSettings, ModelSettings, TrainSettings
 from backend.model.cooccurrence import CooccurrenceStats
@@ -362,8 +362,7 @@ def fit_model_calibration(module: SigRL, forward, features: EncodedImages, Y, id
     turn, a random non-empty proper subset of the observed labels is given as known and the
     other observed labels are the targets (the known ones do not count)."""
     out: dict = {}
-    kw = dict(shrinkage=ccfg.shrinkage, rate_shrinkage=ccfg.rate_shrinkage, min_rate=ccfg.min_observation_rate,
-              prior_strength=ccfg.prior_strength, iterations=ccfg.iterations)
+    kw = fit_options(ccfg)
     visual = predict_logits(module, forward, features, idx, device, which=2)
     out["visual"] = fit_calibration(visual, Y[idx], names, **kw)
     if float(module.known_active) > 0:
@@ -460,6 +459,8 @@ def train_model(
 
     def forward(batch, known, targets=None):
         out = module(batch, H_dev, graph, known, targets=targets, train_known=module.training)
+        if module.training:  # the loss trains the heads at their own scale
+            return out.head_logits, out.reconstruction_loss, out.head_visual, out.cooc_logits
         return out.logits, out.reconstruction_loss, out.visual_logits, out.cooc_logits
 
     outcome = fit(

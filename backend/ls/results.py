@@ -2,8 +2,9 @@
 
 What each prediction holds (one ``choices`` result per served ``<Choices>``/``<Image>`` pair):
 
-- **pre-annotation** — ``value.choices``: the labels at or above ``backend.preannotation.threshold``
-  (at least the most likely one; only that one for a single-choice ``<Choices>``); result
+- **pre-annotation** — ``value.choices``: the labels the decision rule picks from the calibrated
+  probabilities (fewest expected toggles, :mod:`backend.model.decision`; possibly none; only
+  the most likely one for a single-choice ``<Choices>``); result
   ``score``: their mean probability; ``meta.scores``: every label's probability, most likely
   first; prediction ``score``: the mean over the pairs.
 - **suggestions** (interactive pre-annotation, review after submit) — ``value.choices``: the
@@ -169,22 +170,29 @@ def preannotation(
     threshold: float,
     max_labels: int,
     reasons_labels: int = 10,
+    selected: Mapping[tuple[str, str], Sequence[bool]] | None = None,
 ) -> dict:
     """The pre-annotation prediction of one task. ``scores[(control, object)]`` holds the
-    probabilities of that binding's labels, in the binding's label order."""
+    probabilities of that binding's labels, in the binding's label order; ``selected``, the
+    same shape, the decision rule's choices (``backend.model.decision.preselect``; may be
+    none: an empty choice list, the scores still in ``meta``); without it, the threshold rule."""
     result, lines, confidences = [], [], []
     for b in config.bindings:
         probs = [float(p) for p in scores[(b.control, b.object)]]
         names = b.names
         order = sorted(range(len(probs)), key=lambda i: -probs[i])
-        if b.multiple:
+        if selected is not None:
+            picked = [i for i in order if selected[(b.control, b.object)][i]]
+        elif b.multiple:
             picked = [i for i in order if probs[i] >= threshold][:max_labels] or order[:1]
         else:
             picked = order[:1]
-        confidence = sum(probs[i] for i in picked) / len(picked)
+        # nothing picked: the confidence that none of the labels applies
+        confidence = (sum(probs[i] for i in picked) / len(picked) if picked
+                      else sum(1.0 - p for p in probs) / max(1, len(probs)))
         confidences.append(confidence)
         listed = ", ".join(f"{names[i]} {_pct(probs[i])}" for i in order[:reasons_labels])
-        text = f"{listed} (pre-selected: {', '.join(names[i] for i in picked)})"
+        text = f"{listed} (pre-selected: {', '.join(names[i] for i in picked) or 'none'})"
         meta = {
             "scores": {names[i]: round(probs[i], 4) for i in order},
             "threshold": threshold,

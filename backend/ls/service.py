@@ -26,6 +26,7 @@ from ..errors import ConfigError, ImageError, RedisUnavailable
 from ..features import Features
 from ..images import ImageLoader
 from ..lsrecord import read_setup, setup_key, setup_record
+from ..model.decision import preselect
 from ..settings import Settings, get_settings
 from ..spool import EventRecorder
 from . import metrics, results
@@ -496,10 +497,13 @@ class BackendService:
         if kind == "preannotation":
             scores = self._probabilities(predictor, config, [feats[i] for i in ok])
             pre = self.cfg.preannotation
+            multiple = {(b.control, b.object): b.multiple for b in config.bindings}
+            chosen = {key: preselect(rows, pre, multiple[key]) if rows else [] for key, rows in scores.items()}
             for j, i in enumerate(ok):
                 entries[i] = results.preannotation(
                     config, {key: rows[j] for key, rows in scores.items()}, version,
                     threshold=pre.threshold, max_labels=pre.max_labels, reasons_labels=pre.reasons_labels,
+                    selected={key: rows[j] for key, rows in chosen.items()},
                 )
         else:
             ctx_chosen, unknown = config.chosen(partial)

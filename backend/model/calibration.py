@@ -161,6 +161,7 @@ def fit_calibration(
     rate_shrinkage: float = 200.0,
     min_rate: float = 0.05,
     prior_strength: float = 1.0,
+    rate_prior: float = 0.95,
     iterations: int = 200,
     fixed_rate: float | None = None,
     per_label: bool = True,
@@ -168,8 +169,9 @@ def fit_calibration(
     """Fit :class:`Calibration` to held-out ``scores [n, C]`` and their observed labels.
 
     1. the shared map ``(a, b, c)``: maximum likelihood of ``Σ mask · log Bernoulli(o;
-       c σ(a z + b))`` over all labels (a weak pull of ``a, b`` towards 1, 0 of
-       ``prior_strength`` images keeps separable data finite);
+       c σ(a z + b))`` over all labels (a weak pull of ``a, b, logit c`` towards 1, 0,
+       ``logit rate_prior`` of ``prior_strength`` images keeps separable data finite and
+       decides where the data cannot);
     2. per label, the same likelihood with a pull of ``prior_strength`` images towards the
        shared map — first with one rate common to all labels (the pooled rate), then with
        per-label rates as well;
@@ -191,6 +193,10 @@ def fit_calibration(
     mu, sd = float(flat.mean()), float(flat.std().clamp(min=1e-6))
     zs = (z - mu) / sd
     lo = math.log(min_rate / (1 - min_rate))
+    # Where the scores cannot tell (they rank nothing), only c·P(y) is identified: the weak
+    # pull towards a high rate then reads unobserved labels as absent — the safe side for
+    # pre-selection (a flat map below 0.5 ticks nothing, costing what a blank task costs).
+    rate_prior_logit = math.log(rate_prior / (1 - rate_prior))
 
     def rate_of(logit_c):
         if fixed_rate is not None:
@@ -207,6 +213,8 @@ def fit_calibration(
 
     def shared_loss():
         prior = 0.5 * prior_strength * ((A - 1.0) ** 2 + B ** 2)
+        if fixed_rate is None:
+            prior = prior + 0.5 * prior_strength * (Cl - rate_prior_logit) ** 2
         return (_pu_nll(zs, o, m, A, B, rate_of(Cl)) + prior) / n_img
 
     _minimise(shared, shared_loss, iterations)
@@ -250,6 +258,12 @@ def fit_calibration(
         )
 
 
+def fit_options(cfg) -> dict:
+    """The keyword arguments of :func:`fit_calibration` from ``configs: calibration``."""
+    return dict(shrinkage=cfg.shrinkage, rate_shrinkage=cfg.rate_shrinkage, min_rate=cfg.min_observation_rate,
+                prior_strength=cfg.prior_strength, rate_prior=cfg.rate_prior, iterations=cfg.iterations)
+
+
 def fit_zero_shot_calibration(similarity: torch.Tensor, observed: torch.Tensor, mask: torch.Tensor | None = None,
                               **kwargs) -> tuple[float, float, float]:
     """A backbone's zero-shot calibration from data: ``(scale, bias, rate)`` such that
@@ -259,8 +273,10 @@ def fit_zero_shot_calibration(similarity: torch.Tensor, observed: torch.Tensor, 
     cal = fit_calibration(similarity, observed, [str(i) for i in range(similarity.shape[1])], mask,
                           per_label=False, **kwargs)
     scale = cal.shared_slope
-    if scale <= 0:
-        raise ValueError("zero-shot similarities do not rank the observed labels (slope <= 0)")
+    if scale <= 1e-6:
+        # The similarities do not rank the observed labels at all: every label gets the
+        # base rate, σ(offset) — a flat map, written as a tiny slope and a far centre.
+        scale = 1e-6
     return scale, -cal.shared_offset / scale, cal.shared_rate
 
 
@@ -278,5 +294,5 @@ def expected_calibration_error(probabilities: torch.Tensor, truth: torch.Tensor,
     return total / max(1, p.numel())
 
 
-__all__ = ["Calibration", "elkan_noto_rate", "expected_calibration_error", "fit_calibration",
+__all__ = ["Calibration", "elkan_noto_rate", "expected_calibration_error", "fit_calibration", "fit_options",
            "fit_zero_shot_calibration"]

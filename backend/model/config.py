@@ -27,6 +27,9 @@ class ModelSettings(_Section):
     adapter_dropout: float = Field(0.3, ge=0.0, lt=1.0)
     native_global_rank: int = Field(0, ge=0)
     native_local_rank: int = Field(128, ge=0)
+    # Scale of the heads' cosine scores in training (their output is mapped back to the
+    # zero-shot scale, and calibrated after training).
+    logit_scale: float = Field(14.0, gt=0.0)
     # GMC: two GATv2 layers over the label graph.
     use_gmc: bool = True
     gat_heads: int = Field(4, ge=1)
@@ -83,6 +86,8 @@ class CalibrationSettings(_Section):
     # L2 pull of the slope/offset towards 1/0 (in units of held-out images), so few data
     # cannot produce extreme calibrations.
     prior_strength: float = Field(1.0, ge=0.0)
+    # Where scores rank nothing only c·P(label) is identified; the weak pull goes to this rate.
+    rate_prior: float = Field(0.95, gt=0.0, lt=1.0)
     iterations: int = Field(200, ge=10)
     # Known-label (conditional) outputs: held-out positives given as known per image, in turns.
     conditional_samples: int = Field(2, ge=1)

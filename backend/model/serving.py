@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-
-from dataclasses import dataclass
 
 from ..features import EncodedImages, Features, stack_all
 from ..labels import LabelSpace, Taxonomy

@@ -16,9 +16,12 @@ Pieces (each can be switched off for ablations, ``configs: model``):
 - **GMC** (:mod:`.gmc`): ``Ĥ = GMC(H, graph)``;
 - **SVFR** (:mod:`.svfr`): the similarity ``s [B, C]`` from global, local top-k and
   label-specific features, plus a reconstruction loss. Without SVFR, ``s = ⟨g', ĥ_c⟩``;
-- **calibration**: ``z_c = e^{σ} (s_c − s_0) + b + ⟨w_b, ĥ_c⟩``, with ``e^{σ}`` and ``s_0`` the
-  backbone's zero-shot calibration and ``b = 0``, ``w_b = 0`` at first, so a fresh model *is*
-  the zero-shot model (training moves ``b`` to the label density first). After training the
+- **scale**: the heads score ``z_h = e^{σ} (s_c − s_0) + b + ⟨w_b, ĥ_c⟩`` at their own scale
+  (``e^{σ}`` starts at ``model.logit_scale``; ``s_0`` is the backbone's zero-shot centre;
+  ``w_b = 0`` and ``b = b₀``, the label-density shift, at first) and output
+  ``z = ρ (z_h − b₀)`` with ``ρ`` the zero-shot scale over ``model.logit_scale``, so a fresh
+  model *is* the zero-shot model, logits included. The loss trains ``z_h``; served
+  probabilities are a calibration of ``z`` (``backend/model/calibration.py``). After training the
   heads may be shrunk towards that zero-shot model, ``z = w z_heads + (1 − w) z_zero-shot``
   (``heads_weight``, chosen on held-out data; see ``worker/train.py``);
 - **known labels** K (chosen by the annotator): a product of experts. A co-occurrence expert
@@ -101,7 +104,7 @@ class NativeProjection(nn.Module):
             nn.init.zeros_(self.mlp[-1].bias)
 
     @torch.no_grad()
-    def fit(self, native: torch.Tensor, max_rows: int = 200_000) -> None:
+    def fit(self, native: torch.Tensor, max_rows: int = 20_000) -> None:
         """Standardisation statistics (and the principal basis) of training features."""
         flat = native.reshape(-1, native.shape[-1]).float()
         if flat.shape[0] > max_rows:
@@ -109,9 +112,11 @@ class NativeProjection(nn.Module):
         self.norm.fit(flat)
         if self.rank:
             z = self.norm(flat)
-            # top-r right singular vectors of the standardised (centred) features
-            _, _, V = torch.linalg.svd(z - z.mean(0), full_matrices=False)
-            self.basis.copy_(V[: self.rank].T)
+            z = z - z.mean(0)
+            # top-r eigenvectors of the covariance of the standardised features (the
+            # principal directions; an N × N eigenproblem, cheaper than an SVD of z)
+            _, vectors = torch.linalg.eigh(z.T @ z / max(1, z.shape[0] - 1))
+            self.basis.copy_(vectors[:, -self.rank :].flip(1))
 
     def reduced(self, native: torch.Tensor) -> torch.Tensor:
         """``z [.., width]``: the standardised native features in the projection's basis."""
@@ -134,6 +139,8 @@ class SigRLOutput:
     reconstruction_loss: torch.Tensor  # scalar (0 without SVFR)
     label_embeddings: torch.Tensor  # [C, D] Ĥ
     cooc_logits: torch.Tensor | None = None  # [B, C] co-occurrence expert (with known labels)
+    head_logits: torch.Tensor | None = None  # [B, C] logits at the heads' own scale (training)
+    head_visual: torch.Tensor | None = None  # [B, C] image-only, at the heads' own scale
 
 
 class SigRL(nn.Module):
@@ -154,19 +161,27 @@ class SigRL(nn.Module):
             if cfg.use_svfr
             else None
         )
-        # z = e^{log_scale} (s − centre) + bias + ⟨label_bias, ĥ_c⟩; bias in logit units.
-        self.log_scale = nn.Parameter(torch.tensor(float(zero_shot_scale)).log())
+        # Heads: z_h = e^{log_scale} (s − centre) + bias + ⟨label_bias, ĥ_c⟩ (bias in logit
+        # units), trained at their own scale (model.logit_scale) — a cosine needs a sharp
+        # scale to express confidence, whatever the zero-shot calibration is.
+        self.log_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale)).log())
         self.register_buffer("centre", torch.tensor(float(zero_shot_bias)))
         self.bias = nn.Parameter(torch.zeros(()))
         self.label_bias = nn.Parameter(torch.zeros(dim))
-        # The zero-shot model the heads start from (its scale and offset), and the weight of
-        # the trained heads against it: z = w·z_heads + (1 − w)·z_zero-shot (w = 1: no shrinkage).
+        # Output: z = ρ (z_h − b₀) with ρ = zero-shot scale / logit_scale and b₀ the bias the
+        # heads start from, so a fresh model's logits are the zero-shot logits
+        # zs_scale (s − centre) exactly; then the shrinkage towards that zero-shot model,
+        # z = w·z + (1 − w)·z_zero-shot (``heads_weight``; w = 1: none).
         self.register_buffer("zs_scale", torch.tensor(float(zero_shot_scale)))
         self.register_buffer("zs_offset", torch.zeros(()))
         self.register_buffer("heads_weight", torch.ones(()))
         # 1 once the known-label expert has been trained; 0 (fresh, or training data without
         # an image with two chosen labels): known labels change nothing.
         self.register_buffer("known_active", torch.zeros(()))
+        # 1: the projections read the backbone's native features; 0: they read the aligned
+        # ones (a backbone whose native space is aligned, or training given aligned features
+        # only) — then serving ignores native features it is handed, whatever their width.
+        self.register_buffer("reads_native", torch.tensor(float(self.native_dim != dim)))
         if cfg.use_known:
             self.compat = nn.Linear(dim, dim, bias=False)
             nn.init.zeros_(self.compat.weight)
@@ -177,11 +192,19 @@ class SigRL(nn.Module):
     # -- pieces ----------------------------------------------------------------------------
     def fit_feature_stats(self, features: EncodedImages) -> None:
         """Standardisation (and principal bases) of the native features, from training data."""
+        features = self.inputs(features)
         self.global_projection.fit(features.native_global)
         self.local_projection.fit(features.native_local)
 
+    def inputs(self, features: EncodedImages) -> EncodedImages:
+        """The features as the projections read them (see ``reads_native``)."""
+        if float(self.reads_native) > 0:
+            return features
+        return EncodedImages.aligned_only(features.global_, features.local)
+
     def set_zero_shot_offset(self) -> None:
-        """Remember the current offset as the zero-shot model's (after the density shift)."""
+        """Remember the current bias as the one the heads start from (b₀, after the density
+        shift of a fresh model)."""
         with torch.no_grad():
             self.zs_offset.copy_(self.bias.detach())
 
@@ -248,6 +271,7 @@ class SigRL(nn.Module):
     def project(self, features: EncodedImages) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(global ``[B, D]``, local ``[B, P, D]`` in the label-embedding space, the reduced
         native local features ``[B, P, r]`` that key SVFR's attention)."""
+        features = self.inputs(features)
         g, _ = self.global_projection(features.global_, features.native_global)
         l, keys = self.local_projection(features.local, features.native_local)
         return g, l, keys
@@ -259,7 +283,7 @@ class SigRL(nn.Module):
             g, l, keys = self.project(features)
         else:
             g, l = features.global_, features.local
-            keys = self.local_projection.reduced(features.native_local)
+            keys = self.local_projection.reduced(self.inputs(features).native_local)
         if self.svfr is not None:
             out = self.svfr(g, l, label_embeddings, target=features.local, chunk_size=chunk_size, key_input=keys)
             sim, recon = out.similarity, out.reconstruction_loss
@@ -274,7 +298,11 @@ class SigRL(nn.Module):
 
         s = similarity(features.global_, features.local, F.normalize(embeddings, dim=-1),
                        self.cfg.global_weight, self.cfg.local_top_k)
-        return self.zs_scale * (s - self.centre) + self.zs_offset
+        return self.zs_scale * (s - self.centre)
+
+    def to_output(self, head_logits: torch.Tensor) -> torch.Tensor:
+        """Head-scale logits → output logits ``ρ (z_h − b₀)`` (module docstring)."""
+        return (self.zs_scale / self.cfg.logit_scale) * (head_logits - self.zs_offset)
 
     def score_unseen(self, visual, features: EncodedImages, H, seen, chunk_size=None):
         """Labels never annotated in training get ``(1 − w)·z_projected + w·z_aligned``
@@ -318,22 +346,23 @@ class SigRL(nn.Module):
         space — what :meth:`forward` does after GMC; the predictor caches ``H`` and ``S``.
         ``embeddings``: the label text embeddings (needed when the heads are shrunk towards
         the zero-shot model, ``heads_weight < 1``)."""
-        visual, recon = self.visual(features, H, chunk_size)
+        head, recon = self.visual(features, H, chunk_size)
         if graph.seen is not None:
-            visual = self.score_unseen(visual, features, H, graph.seen, chunk_size)
-        if float(self.heads_weight) < 1.0:
-            if embeddings is None:
-                raise ValueError("heads shrunk towards zero-shot need the label text embeddings")
-            w = self.heads_weight
-            visual = w * visual + (1.0 - w) * self.zero_shot_logits(features, embeddings)
-        logits = visual
+            head = self.score_unseen(head, features, H, graph.seen, chunk_size)
+        head_logits, cooc = head, None
         if known is not None and self.cfg.use_known:
             if S is None:
                 S = self.known_matrix(H, graph)
             cooc = self.cooc_logits(known, S, graph, targets)
-            logits = visual + self.known_term(known, S, graph, targets, cooc, force=train_known)
-            return SigRLOutput(logits, visual, recon, H, cooc)
-        return SigRLOutput(logits, visual, recon, H)
+            head_logits = head + self.known_term(known, S, graph, targets, cooc, force=train_known)
+        visual, logits = self.to_output(head), self.to_output(head_logits)
+        if float(self.heads_weight) < 1.0:
+            if embeddings is None:
+                raise ValueError("heads shrunk towards zero-shot need the label text embeddings")
+            w = self.heads_weight
+            zs = (1.0 - w) * self.zero_shot_logits(features, embeddings)
+            visual, logits = w * visual + zs, w * logits + zs
+        return SigRLOutput(logits, visual, recon, H, cooc, head_logits, head)
 
 
 def label_graph(stats, names, embeddings: torch.Tensor, cfg: ModelSettings) -> LabelGraph:

@@ -2,7 +2,10 @@
 
 SigRL's score mix without any training: ``s = w · cos(g, h) + (1 − w) · topk_p cos(l_p, h)``,
 turned into a probability with the backbone's calibration
-``p = sigmoid(scale · (s − bias))`` (``configs: backbone.<kind>.zero_shot_*``).
+``p = sigmoid(scale · (s − bias))`` (``configs: backbone.<kind>.zero_shot_*``). The two
+numbers are not set by hand: they are fitted from labelled data, with the observation-rate
+model for partial labels (:func:`~backend.model.calibration.fit_zero_shot_calibration`; how
+and on what is recorded beside them in the configuration).
 """
 
 from __future__ import annotations
