@@ -229,7 +229,8 @@ def test_a_sigrl_model_scores_the_spot_with_its_adapted_features_attention_and_c
 
 def test_two_quick_points_keep_the_first_points_label(client):
     """Label Studio's draft lags 5 s behind the page: a second point before it is saved
-    builds on the backend's previous answer for the task, so the horse stays ticked."""
+    builds on the backend's previous answer for the task, so the first point's label stays
+    ticked."""
     c, photos = client
     draft = {"result": _choices("dog", "person"), "updated_at": "2026-01-01T10:00:00Z"}
 
@@ -237,10 +238,11 @@ def test_two_quick_points_keep_the_first_points_label(client):
         return next(r for r in out["result"] if r["from_name"] == "labels")
 
     first = _interactive(c, photos, "person", _point("person", *HORSE_POINT), drafts=[draft], id=77)
-    assert labels_of(first)["value"]["choices"] == ["dog", "person", "horse"]
+    ticked = labels_of(first)["value"]["choices"]
+    assert ticked[:2] == ["dog", "person"] and len(ticked) == 3  # one label added for the spot
     second = _interactive(c, photos, "person", _point("person", 0.36, 0.45), drafts=[draft], id=77)
     region = labels_of(second)
-    assert region["value"]["choices"][:3] == ["dog", "person", "horse"]
+    assert region["value"]["choices"][:3] == ticked  # the first point's label is still ticked
     assert region["meta"]["chosen_from"] == "draft+last answer"
     # a draft saved after the answer is the page's state again
     newer = {"result": _choices("dog"), "updated_at": "2099-01-01T10:00:00Z"}

@@ -4,11 +4,12 @@ An annotator points at an object (a smart ``<KeyPoint>``) or draws a box around 
 ``<Rectangle>``); semlabel ranks the labels by what the backbone's local features say at that
 spot, conditioned on the labels already chosen.
 
-**Geometry.** Every backbone here resizes the image's shorter side and centre-crops a square,
-then produces a ``G × G`` grid of local features (``local [P, D]``, ``P = G²``, row-major,
-``p = row · G + col``). For an image ``W × H`` with shorter side ``s`` the grid covers the centred
-square of side ``c = f · s`` (``f = image_size / resize``: 0.875 for the packaged backbone, 1 for
-open_clip's resize-to-crop). A spot in image fractions ``(x, y)`` maps to crop fractions
+**Geometry.** The backbone makes a square of the image, then a ``G × G`` grid of local features
+(``local [P, D]``, ``P = G²``, row-major, ``p = row · G + col``). For an image ``W × H`` the grid
+covers a centred square of side ``c``: with ``backbone.image_fit: pad`` (the default) the whole
+image padded to a square, ``c = max(W, H)``; with ``crop`` the centre crop of the shorter side
+``s``, ``c = f · s`` (``f = image_size / resize``: 0.875 for the packaged backbone, 1 for
+open_clip's resize-to-crop). A spot in image fractions ``(x, y)`` maps to square fractions
 ``u = (x W − (W − c)/2) / c``, ``v = (y H − (H − c)/2) / c`` (clamped to ``[0, 1]``), and patch
 ``p`` has its centre at ``((col + ½)/G, (row + ½)/G)``.
 
@@ -87,8 +88,11 @@ class SpotCandidate:
     attention: float | None = None
 
 
-def crop_fraction(backbone) -> float:
-    """``f``: the side of the backbone's centre crop as a fraction of the image's shorter side."""
+def crop_fraction(backbone) -> float | None:
+    """``f``: the side of the backbone's centre crop as a fraction of the image's shorter side,
+    or ``None`` when the backbone pads the whole image to a square (see the module doc)."""
+    if getattr(backbone, "image_fit", "crop") == "pad":
+        return None
     cfg = getattr(backbone, "feature_config", {}) or {}
     resize, size = cfg.get("resize"), cfg.get("image_size")
     if resize and size:
@@ -96,15 +100,15 @@ def crop_fraction(backbone) -> float:
     return 1.0
 
 
-def _to_crop(x: float, y: float, spot: Spot, fraction: float) -> tuple[float, float]:
+def _to_crop(x: float, y: float, spot: Spot, fraction: float | None) -> tuple[float, float]:
     W, H = spot.width or 1.0, spot.height or 1.0
-    c = fraction * min(W, H)
+    c = max(W, H) if fraction is None else fraction * min(W, H)
     u = (x * W - (W - c) / 2.0) / c
     v = (y * H - (H - c) / 2.0) / c
     return u, v
 
 
-def patch_weights(spot: Spot, patches: int, fraction: float, sigma: float) -> torch.Tensor:
+def patch_weights(spot: Spot, patches: int, fraction: float | None, sigma: float) -> torch.Tensor:
     """``w [P]``: the spot's weight on each patch of a ``√P × √P`` grid (see the module doc)."""
     G = int(round(math.sqrt(patches)))
     if G * G != patches:
@@ -169,32 +173,51 @@ def local_terms(predictor: Predictor, features: Features, space: LabelSpace,
 
 
 def _sigrl_terms(predictor, features: Features, space: LabelSpace, known: Sequence[str]) -> LocalTerms:
+    from ..features import stack_all
+
     module = predictor.module
     graph, H, S = predictor.prepare(space)
     device = predictor.device
-    g = features.global_[None].to(device)
-    local = features.local[None].to(device)
+    batch = stack_all([features]).to(device)
     mask = known_mask(space, [list(known)], 1).to(device)
-    out = module.score(g, local, H, graph, mask, S)
-    l, hidden = module.local_adapter.forward_with_hidden(local)  # [1, P, D]
-    match = (l[0] @ H.T).float()  # [P, C]
+    out = module.score(batch, H, graph, mask, S, embeddings=space.embeddings.to(device))
+    _, local, keys = module.project(batch)  # [1, P, D] in the label space, SVFR's key input
+    match = (local[0] @ H.T).float()  # [P, C]
     attention = None
     if module.svfr is not None:
         svfr = module.svfr
-        keys = svfr.key(local if hidden is None else hidden)[0]  # [P, A]
-        attention = ((keys @ svfr.query(H).T) * svfr.scale).softmax(dim=0).float()  # [P, C]
+        k = svfr.key(keys if keys is not None else local)[0]  # [P, A]
+        attention = ((k @ svfr.query(H).T) * svfr.scale).softmax(dim=0).float()  # [P, C]
         w_local = float(svfr.w_local)
     else:  # no local term in the model: the spot evidence enters at the zero-shot mix
         w_local = 1.0 - float(module.cfg.global_weight)
-    alpha = float(module.log_scale.exp()) * w_local
+    # The similarity's weight in the output logit: e^σ at the heads' scale, times the output
+    # map ρ = zero-shot scale / logit_scale and the shrinkage weight (sigrl module doc).
+    rho = float(module.zs_scale) / float(module.cfg.logit_scale)
+    alpha = float(module.log_scale.exp()) * w_local * rho * float(module.heads_weight)
     return LocalTerms(out.logits[0].float().cpu(), out.visual_logits[0].float().cpu(), match.cpu(), alpha,
                       None if attention is None else attention.cpu())
 
 
-def spot_candidates(terms: LocalTerms, weights: torch.Tensor, gain: float) -> list[SpotCandidate]:
-    """Every label at the spot, most likely first (``z^spot`` of the module doc)."""
+def image_patches(spot: Spot, patches: int, fraction: float | None) -> torch.Tensor:
+    """``[P]`` bool: the patches whose centre lies on the image, not on the padding that
+    made it square (all of them for a centre crop or an image of unknown size)."""
+    G = int(round(math.sqrt(patches)))
+    u0, v0 = _to_crop(0.0, 0.0, spot, fraction)
+    u1, v1 = _to_crop(1.0, 1.0, spot, fraction)
+    centres = (torch.arange(G, dtype=torch.float32) + 0.5) / G
+    cy, cx = torch.meshgrid(centres, centres, indexing="ij")
+    inside = ((cx >= u0) & (cx <= u1) & (cy >= v0) & (cy <= v1)).reshape(-1)
+    return inside if bool(inside.any()) else torch.ones(patches, dtype=torch.bool)
+
+
+def spot_candidates(terms: LocalTerms, weights: torch.Tensor, gain: float,
+                    inside: torch.Tensor | None = None) -> list[SpotCandidate]:
+    """Every label at the spot, most likely first (``z^spot`` of the module doc); ``m̄_c``
+    averages the patches ``inside`` the image (padding is no evidence of anything)."""
     local = weights @ terms.match  # [C]
-    mean = terms.match.mean(0)  # [C]
+    match = terms.match if inside is None else terms.match[inside]
+    mean = match.mean(0)  # [C]
     z = terms.logits + gain * terms.alpha * (local - mean)
     probs = torch.sigmoid(z)
     attention = None
@@ -219,7 +242,7 @@ def suggest_at_spot(
     min_probability: float,
     sigma: float,
     gain: float,
-    fraction: float,
+    fraction: float | None,
     co_occurring: int = 3,
     neighbours: int = 3,
 ) -> list[Suggestion]:
@@ -241,7 +264,8 @@ def suggest_at_spot(
     taxonomy = space.taxonomy or getattr(predictor, "taxonomy", None)
     visual = torch.sigmoid(terms.visual)
     out: list[Suggestion] = []
-    for cand in spot_candidates(terms, weights, gain):
+    inside = image_patches(spot, features.local.shape[0], fraction)
+    for cand in spot_candidates(terms, weights, gain, inside):
         if len(out) >= top_k or cand.probability < min_probability:
             break
         if cand.index in chosen:
