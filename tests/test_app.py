@@ -555,7 +555,9 @@ def test_a_trained_model_suggests_with_co_occurrence_and_scores_labels_it_never_
                   {"from_name": "labels", "to_name": "image", "type": "choices", "value": {"choices": labels}}]}]}
              for i, (n, labels) in enumerate(trained.items())]
     s = app_settings(settings, photos)
-    s = s.model_copy(update={"train": s.train.model_copy(update={"epochs": 3})})
+    # Few photos: let the known-label expert count as trained from its first sampled example
+    # (the default asks for train.min_known_samples before it is applied at all).
+    s = s.model_copy(update={"train": s.train.model_copy(update={"epochs": 3, "min_known_samples": 1})})
     examples, _ = examples_from_tasks(tasks[:6], seen)
     examples, batch, errors = attach_feature_batch(examples, runtime)
     assert len(examples) == 6 and not errors
