@@ -340,6 +340,21 @@ def remove_review_predictions(client, task_id: int, ann_id: int) -> int:
     return removed
 
 
+def remove_superseded_preannotations(client, task_id: int, version: str) -> int:
+    """Delete a task's predictions of model ``version`` that are not review predictions (the
+    pre-annotation an annotation has superseded). Returns how many were deleted."""
+    removed = 0
+    for pred in client.predictions.list(task=task_id):
+        if getattr(pred, "model_version", None) != version:
+            continue
+        kinds = {item.get("meta", {}).get("kind") for item in pred.result or []
+                 if isinstance(item, Mapping) and isinstance(item.get("meta"), Mapping)}
+        if "review" not in kinds:
+            client.predictions.delete(id=pred.id)
+            removed += 1
+    return removed
+
+
 def store_review_prediction(client, task_id: int, ann_id: int, entry: Mapping | None,
                             project: int | None = None, live: bool = True) -> int | None:
     """Replace the annotation's review prediction by ``entry`` (only remove it when ``None``).
@@ -353,6 +368,9 @@ def store_review_prediction(client, task_id: int, ann_id: int, entry: Mapping | 
     if live and project is not None:
         version = live_model_version(client, int(project)) or version
         entry["model_version"] = version
+        # The Data Manager's score column averages the task's predictions of the live version:
+        # the pre-annotation the annotation has superseded would blur P(missing) there.
+        remove_superseded_preannotations(client, task_id, version)
     created = client.predictions.create(
         task=task_id, result=entry["result"], score=entry["score"],
         model_version=version, mislabeling=entry["score"], **extra,

@@ -645,12 +645,16 @@ class BackendService:
         if errors[0] is not None:
             raise ImageError(str(task.get("id")), errors[0])
         review = self.cfg.review
-        sugg = self._suggestions(predictor, config, feats, [chosen], review.top_k, review.min_probability)
+        # The top_k unchosen labels whatever their probability: the task's score, P(missing),
+        # ranks the reviewer's queue even when no single label reaches min_probability (a
+        # calibrated weak model); the text lists only those that do.
+        sugg = self._suggestions(predictor, config, feats, [chosen], review.top_k, 0.0)
+        top = {key: rows[0] for key, rows in sugg.items()}
+        listed = {key: [s for s in row if s.probability >= review.min_probability] for key, row in top.items()}
         meta = {"kind": "review", "annotation_id": annotation.get("id"), "served_version": predictor.version}
-        entry = results.suggestions(
-            config, chosen, {key: rows[0] for key, rows in sugg.items()},
-            self.review_version(predictor.version), ignored=unknown, meta=meta,
-        )
+        entry = results.suggestions(config, chosen, listed, self.review_version(predictor.version),
+                                    ignored=unknown, meta=meta)
+        entry["score"] = results.p_missing(s.probability for row in top.values() for s in row)
         metrics.PREDICTIONS.labels("review", "ok").inc()
         return entry
 
