@@ -327,29 +327,24 @@ class ReviewQueue:
         return "deleted"
 
 
-def remove_review_predictions(client, task_id: int, ann_id: int) -> int:
-    """Delete the review predictions of annotation ``ann_id`` on a task (label-studio-sdk client)."""
-    removed = 0
-    for pred in client.predictions.list(task=task_id):
-        for item in pred.result or []:
-            meta = item.get("meta") if isinstance(item, Mapping) else None
-            if isinstance(meta, Mapping) and meta.get("kind") == "review" and meta.get("annotation_id") == ann_id:
-                client.predictions.delete(id=pred.id)
-                removed += 1
-                break
-    return removed
+def _review_metas(pred) -> list[Mapping]:
+    """The ``meta`` of a prediction's review regions (``kind: review``)."""
+    metas = (item.get("meta") for item in pred.result or [] if isinstance(item, Mapping))
+    return [m for m in metas if isinstance(m, Mapping) and m.get("kind") == "review"]
 
 
-def remove_superseded_preannotations(client, task_id: int, version: str) -> int:
-    """Delete a task's predictions of model ``version`` that are not review predictions (the
-    pre-annotation an annotation has superseded). Returns how many were deleted."""
+def remove_review_predictions(client, task_id: int, ann_id: int, superseded_version: str | None = None) -> int:
+    """Delete, in one listing of the task's predictions (label-studio-sdk client), the review
+    predictions of annotation ``ann_id`` and — with ``superseded_version`` — the task's other
+    non-review predictions of that model version (the pre-annotation an annotation has
+    superseded). Returns how many were deleted."""
     removed = 0
     for pred in client.predictions.list(task=task_id):
-        if getattr(pred, "model_version", None) != version:
-            continue
-        kinds = {item.get("meta", {}).get("kind") for item in pred.result or []
-                 if isinstance(item, Mapping) and isinstance(item.get("meta"), Mapping)}
-        if "review" not in kinds:
+        metas = _review_metas(pred)
+        mine = any(m.get("annotation_id") == ann_id for m in metas)
+        superseded = (superseded_version is not None and not metas
+                      and getattr(pred, "model_version", None) == superseded_version)
+        if mine or superseded:
             client.predictions.delete(id=pred.id)
             removed += 1
     return removed
@@ -360,17 +355,19 @@ def store_review_prediction(client, task_id: int, ann_id: int, entry: Mapping | 
     """Replace the annotation's review prediction by ``entry`` (only remove it when ``None``).
     With ``live`` the prediction takes the project's live model version (see the module doc);
     ``entry["model_version"]`` is set to the version stored. Returns the new prediction's id."""
-    remove_review_predictions(client, task_id, ann_id)
     if entry is None:
+        remove_review_predictions(client, task_id, ann_id)
         return None
     extra = {"project": int(project)} if project is not None else {}
     version = entry["model_version"]
+    superseded = None
     if live and project is not None:
         version = live_model_version(client, int(project)) or version
         entry["model_version"] = version
         # The Data Manager's score column averages the task's predictions of the live version:
         # the pre-annotation the annotation has superseded would blur P(missing) there.
-        remove_superseded_preannotations(client, task_id, version)
+        superseded = version
+    remove_review_predictions(client, task_id, ann_id, superseded_version=superseded)
     created = client.predictions.create(
         task=task_id, result=entry["result"], score=entry["score"],
         model_version=version, mislabeling=entry["score"], **extra,
