@@ -1,0 +1,261 @@
+"""ServedModels: the predictor each project is served with in this process, swapped hot."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import CorruptVersion
+from .versions import ModelStore
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[Path, Any], Any]
+
+
+def default_loader(model_dir: Path, runtime) -> Any:
+    """The model engineer's ``backend.model.load_predictor(model_dir, runtime)``."""
+    from ..model import load_predictor  # type: ignore[attr-defined]
+
+    return load_predictor(model_dir, runtime)
+
+
+class ServedModels:
+    """The predictor each project is served with in this process, kept current.
+
+    ``get(project)`` returns the loaded predictor of the project's current version, or the
+    zero-shot predictor while it has none. New versions are noticed through the store's Redis
+    channel (when a client is given) and by polling the pointer files every
+    ``poll_interval_s``; they are loaded off the request path and swapped in with one
+    assignment, so requests in flight finish with the object they hold. A version whose files
+    fail their checks or whose loader raises is refused: logged, recorded in the store
+    (``semlabel models status``) and the previous predictor stays served.
+    """
+
+    def __init__(
+        self,
+        store: ModelStore,
+        runtime,
+        loader: Loader | None = None,
+        redis=None,
+        *,
+        poll_interval_s: float = 2.0,
+        fallback=None,
+        start: bool = True,
+        max_projects: int = 1000,
+        idle_s: float = 3600.0,
+    ):
+        self.store = store
+        self.runtime = runtime
+        self.loader = loader or default_loader
+        self.redis = redis if redis is not None else store.redis
+        self.poll_interval_s = poll_interval_s
+        self._fallback = fallback
+        self._served: dict[str, Any] = {}      # project -> predictor
+        self._versions: dict[str, str | None] = {}  # project -> served store version
+        self._seen: dict[str, tuple | None] = {}    # project -> pointer stamp last acted on
+        # project -> when it was last asked for, least recent first. The watcher polls these
+        # only: at most `max_projects`, each forgotten `idle_s` after its last request (any
+        # id a request names would otherwise be polled every few seconds for ever).
+        self._asked: OrderedDict[str, float] = OrderedDict()
+        self.max_projects = max_projects
+        self.idle_s = idle_s
+        self._lock = threading.RLock()
+        self._load_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._pubsub = None
+        self.loads = 0
+        self.refused = 0
+        if start:
+            self.start()
+
+    # -- public ------------------------------------------------------------------------
+    def get(self, project: str | int):
+        """The predictor to use now for ``project`` (never blocks on a reload in progress,
+        except the very first request of a project, which loads its current version)."""
+        key = str(project)
+        with self._lock:
+            predictor = self._served.get(key)
+            known = key in self._seen
+            self._asked[key] = time.monotonic()
+            self._asked.move_to_end(key)
+            while len(self._asked) > self.max_projects:
+                self._forget(next(iter(self._asked)))
+        if predictor is not None:
+            return predictor
+        if not known:  # first request for this project in this process: load its version now
+            self._refresh(key)
+        with self._lock:
+            return self._served.get(key) or self.fallback
+
+    def served_version(self, project: str | int) -> str | None:
+        """The store version served for ``project`` (``None``: zero-shot)."""
+        with self._lock:
+            return self._versions.get(str(project))
+
+    @property
+    def fallback(self):
+        if self._fallback is None:
+            self._fallback = self.runtime.zero_shot_predictor()
+        return self._fallback
+
+    def refresh(self, project: str | int | None = None) -> None:
+        """Check pointers now (all known projects, or one) and load what changed."""
+        keys = [str(project)] if project is not None else self._known()
+        for key in keys:
+            self._refresh(key)
+
+    def status(self) -> dict:
+        out = {}
+        for key in self._known():
+            out[key] = {
+                "served": self.served_version(key),
+                "current": self.store.current(key),
+                "refused": self.store.refusals(key),
+            }
+        return out
+
+    def start(self) -> None:
+        if self._threads:
+            return
+        poller = threading.Thread(target=self._poll_loop, name="semlabel-model-poll", daemon=True)
+        poller.start()
+        self._threads.append(poller)
+        if self.redis is not None:
+            listener = threading.Thread(target=self._listen_loop, name="semlabel-model-pubsub", daemon=True)
+            listener.start()
+            self._threads.append(listener)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        pubsub = self._pubsub
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                pubsub.close()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._threads = []
+
+    def served_versions(self) -> dict[str, str | None]:
+        """Project → version string of the predictor served now (None: the fallback), for
+        the projects this process has been asked about. Loads nothing."""
+        with self._lock:
+            return {key: getattr(self._served.get(key), "version", None) for key in self._seen}
+
+    # -- internals ---------------------------------------------------------------------
+    def _known(self) -> list[str]:
+        with self._lock:
+            return list(self._seen)
+
+    def _forget(self, key: str) -> None:
+        """Stop watching ``key`` (caller holds ``_lock``); its next request loads it again."""
+        self._asked.pop(key, None)
+        self._seen.pop(key, None)
+        self._served.pop(key, None)
+        self._versions.pop(key, None)
+
+    def _forget_idle(self) -> None:
+        cutoff = time.monotonic() - self.idle_s
+        with self._lock:
+            while self._asked and next(iter(self._asked.values())) < cutoff:
+                self._forget(next(iter(self._asked)))
+
+    def _refresh(self, key: str) -> None:
+        with self._load_lock:  # one load at a time per process; requests never wait on it
+            stamp = self.store.pointer_stamp(key)
+            with self._lock:
+                if key in self._seen and self._seen[key] == stamp:
+                    return
+            record = self.store.pointer(key)
+            target = record["version"] if record else None
+            with self._lock:
+                served = self._versions.get(key)
+            if target is None or target == served:
+                with self._lock:
+                    self._asked.setdefault(key, time.monotonic())
+                    self._seen[key] = stamp
+                    self._versions.setdefault(key, served)
+                return
+            predictor = self._load(key, target)
+            if predictor is None and key not in self._served:
+                # First load of this process: serve the newest earlier version that loads.
+                for candidate in record.get("previous") or []:
+                    predictor = self._load(key, candidate, note=f"instead of refused {target}")
+                    if predictor is not None:
+                        target = candidate
+                        break
+            with self._lock:
+                self._asked.setdefault(key, time.monotonic())  # every watched project is bounded
+                self._seen[key] = stamp
+                if predictor is not None:
+                    self._served[key] = predictor  # the swap: one assignment
+                    self._versions[key] = target
+                else:
+                    self._versions.setdefault(key, None)
+
+    def _load(self, key: str, version: str, note: str = ""):
+        try:
+            self.store.verify(key, version)
+            predictor = self.loader(self.store.version_dir(key, version), self.runtime)
+            if predictor is None:
+                raise CorruptVersion("the loader returned nothing")
+            if version not in str(getattr(predictor, "version", "") or ""):
+                # Label Studio shows this string: it names the store version and the backbone.
+                backbone = getattr(getattr(self.runtime, "backbone", None), "name", None)
+                predictor.version = f"{version}@{backbone}" if backbone else version
+        except Exception as exc:  # noqa: BLE001 - any failure refuses the version
+            reason = f"{type(exc).__name__}: {exc}"
+            log.error("project %s: refusing version %s (%s); keeping %s", key, version, reason,
+                      self._versions.get(key) or "zero-shot")
+            self.refused += 1
+            with contextlib.suppress(Exception):
+                self.store.record_refusal(key, version, reason)
+            return None
+        self.loads += 1
+        log.warning("project %s: now serving version %s%s", key, version, f" ({note})" if note else "")
+        return predictor
+
+    def _poll_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.poll_interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            self._forget_idle()
+            for key in self._known():
+                try:
+                    self._refresh(key)
+                except Exception:  # noqa: BLE001 - the watcher must survive anything
+                    log.exception("project %s: checking for a new model version failed", key)
+
+    def _listen_loop(self) -> None:
+        delay = 1.0
+        while not self._stop.is_set():
+            try:
+                self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                self._pubsub.subscribe(self.store.channel)
+                delay = 1.0
+                while not self._stop.is_set():
+                    message = self._pubsub.get_message(timeout=1.0)
+                    if message and message.get("type") == "message":
+                        self._wake.set()
+            except Exception as exc:  # noqa: BLE001 - Redis may come and go; polling goes on
+                if self._stop.is_set():
+                    break
+                log.warning("model-version notifications from Redis interrupted (%s); retrying in %.0f s",
+                            exc, delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 30.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    if self._pubsub is not None:
+                        self._pubsub.close()
+                self._pubsub = None
