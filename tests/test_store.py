@@ -227,6 +227,41 @@ def test_served_models_fall_back_to_zero_shot_then_hot_swap_via_pubsub(tmp_path,
         served.close()
 
 
+def _subscribed(redis_conn, channel, timeout=5.0):
+    return _wait(lambda: dict(redis_conn.pubsub_numsub(channel)).get(channel.encode(), 0) > 0, timeout)
+
+
+def test_a_notification_refreshes_only_the_project_it_names(tmp_path, redis_conn):
+    """Pointers moved without an announcement (a store without Redis): a message naming one
+    project loads that project only; a message naming none, and a reconnection to Redis,
+    check every watched project."""
+    prefix = f"test-{os.getpid()}-{time.monotonic_ns()}"  # a channel of its own on a shared Redis
+    quiet = ModelStore(tmp_path / "m", key_prefix=prefix)  # moves pointers without announcing them
+    channel = quiet.channel
+    a1, b1 = _publish(quiet, 31, {"cat": 1.0}, 0.5), _publish(quiet, 32, {"cat": 1.0}, 0.5)
+    served = ServedModels(quiet, None, load_tiny, redis_conn, poll_interval_s=60,
+                          fallback=TinyPredictor({}, "zero"))
+    try:
+        assert (served.get(31).version, served.get(32).version) == (a1.version, b1.version)
+        assert _subscribed(redis_conn, channel)
+        a2, b2 = _publish(quiet, 31, {"cat": 2.0}, 0.6), _publish(quiet, 32, {"cat": 2.0}, 0.6)
+        redis_conn.publish(channel, json.dumps({"project": "31", "version": a2.version}))
+        assert _wait(lambda: served.served_version(31) == a2.version, 5)
+        redis_conn.publish(channel, json.dumps({"project": "33", "version": a2.version}))  # not watched
+        time.sleep(0.5)
+        assert served.served_version(32) == b1.version and "33" not in served._known()
+        assert served.loads == 3
+        redis_conn.publish(channel, json.dumps({}))  # names no project: check them all
+        assert _wait(lambda: served.served_version(32) == b2.version, 5)
+        # A dropped connection: the listener hears of the reconnection and checks them all.
+        a3, b3 = _publish(quiet, 31, {"cat": 3.0}, 0.7), _publish(quiet, 32, {"cat": 3.0}, 0.7)
+        host, port = served._pubsub.connection._sock.getsockname()[:2]
+        assert redis_conn.client_kill_filter(_type="pubsub", addr=f"{host}:{port}") == 1
+        assert _wait(lambda: (served.served_version(31), served.served_version(32)) == (a3.version, b3.version), 10)
+    finally:
+        served.close()
+
+
 def test_served_models_poll_without_redis(tmp_path):
     store = ModelStore(tmp_path / "m")
     v1 = _publish(store, 12, {"cat": 1.0}, 0.5)

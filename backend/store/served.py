@@ -1,8 +1,16 @@
-"""ServedModels: the predictor each project is served with in this process, swapped hot."""
+"""ServedModels: the predictor each project is served with in this process, swapped hot.
+
+New versions are noticed two ways: a message on the store's Redis channel
+(:data:`~.pointer.MODELS_CHANNEL`) names the project whose pointer moved, and only that
+project is checked; a message naming none, a (re)connection to Redis (messages may have been
+missed meanwhile) and the poll every ``poll_interval_s`` check every watched project. Checking
+a project costs one ``stat`` of its pointer file; only a changed pointer loads anything.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -16,6 +24,7 @@ from .versions import ModelStore
 log = logging.getLogger(__name__)
 
 Loader = Callable[[Path, Any], Any]
+RETRY_MAX_S = 30.0  # the longest wait between attempts to reach Redis again
 
 
 def default_loader(model_dir: Path, runtime) -> Any:
@@ -25,16 +34,23 @@ def default_loader(model_dir: Path, runtime) -> Any:
     return load_predictor(model_dir, runtime)
 
 
+def announced_project(message: dict) -> str | None:
+    """The project a message on the models channel names (None: none, or not readable)."""
+    try:
+        project = json.loads(message.get("data") or b"").get("project")
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return str(project) if project is not None else None
+
+
 class ServedModels:
     """The predictor each project is served with in this process, kept current.
 
     ``get(project)`` returns the loaded predictor of the project's current version, or the
-    zero-shot predictor while it has none. New versions are noticed through the store's Redis
-    channel (when a client is given) and by polling the pointer files every
-    ``poll_interval_s``; they are loaded off the request path and swapped in with one
-    assignment, so requests in flight finish with the object they hold. A version whose files
-    fail their checks or whose loader raises is refused: logged, recorded in the store
-    (``semlabel models status``) and the previous predictor stays served.
+    zero-shot predictor while it has none. New versions are loaded off the request path and
+    swapped in with one assignment, so requests in flight finish with the object they hold. A
+    version whose files fail their checks or whose loader raises is refused: logged, recorded
+    in the store (``semlabel models status``) and the previous predictor stays served.
     """
 
     def __init__(
@@ -65,6 +81,8 @@ class ServedModels:
         self._asked: OrderedDict[str, float] = OrderedDict()
         self.max_projects = max_projects
         self.idle_s = idle_s
+        self._due: set[str] = set()  # watched projects a notification named since the last check
+        self._due_all = False         # a notification named none, or notifications (re)started
         self._lock = threading.RLock()
         self._load_lock = threading.Lock()
         self._wake = threading.Event()
@@ -100,27 +118,17 @@ class ServedModels:
         with self._lock:
             return self._versions.get(str(project))
 
+    def served_versions(self) -> dict[str, str | None]:
+        """Project → version string of the predictor served now (None: the fallback), for
+        the projects this process has been asked about. Loads nothing."""
+        with self._lock:
+            return {key: getattr(self._served.get(key), "version", None) for key in self._seen}
+
     @property
     def fallback(self):
         if self._fallback is None:
             self._fallback = self.runtime.zero_shot_predictor()
         return self._fallback
-
-    def refresh(self, project: str | int | None = None) -> None:
-        """Check pointers now (all known projects, or one) and load what changed."""
-        keys = [str(project)] if project is not None else self._known()
-        for key in keys:
-            self._refresh(key)
-
-    def status(self) -> dict:
-        out = {}
-        for key in self._known():
-            out[key] = {
-                "served": self.served_version(key),
-                "current": self.store.current(key),
-                "refused": self.store.refusals(key),
-            }
-        return out
 
     def start(self) -> None:
         if self._threads:
@@ -144,13 +152,7 @@ class ServedModels:
             thread.join(timeout=5)
         self._threads = []
 
-    def served_versions(self) -> dict[str, str | None]:
-        """Project → version string of the predictor served now (None: the fallback), for
-        the projects this process has been asked about. Loads nothing."""
-        with self._lock:
-            return {key: getattr(self._served.get(key), "version", None) for key in self._seen}
-
-    # -- internals ---------------------------------------------------------------------
+    # -- watching ----------------------------------------------------------------------
     def _known(self) -> list[str]:
         with self._lock:
             return list(self._seen)
@@ -161,6 +163,7 @@ class ServedModels:
         self._seen.pop(key, None)
         self._served.pop(key, None)
         self._versions.pop(key, None)
+        self._due.discard(key)
 
     def _forget_idle(self) -> None:
         cutoff = time.monotonic() - self.idle_s
@@ -168,6 +171,26 @@ class ServedModels:
             while self._asked and next(iter(self._asked.values())) < cutoff:
                 self._forget(next(iter(self._asked)))
 
+    def _announce(self, project: str | None) -> None:
+        """Have the poller check ``project`` now (None: every watched project). A project this
+        process does not watch is left alone: its first request loads its current version."""
+        with self._lock:
+            if project is None:
+                self._due_all = True
+            elif project in self._seen:
+                self._due.add(project)
+            else:
+                return
+        self._wake.set()
+
+    def _take_due(self, poll_due: bool) -> list[str]:
+        """The projects to check now: those announced, or every watched one."""
+        with self._lock:
+            due, everything = self._due, self._due_all or poll_due
+            self._due, self._due_all = set(), False
+        return self._known() if everything else sorted(due)
+
+    # -- loading -----------------------------------------------------------------------
     def _refresh(self, key: str) -> None:
         with self._load_lock:  # one load at a time per process; requests never wait on it
             stamp = self.store.pointer_stamp(key)
@@ -223,14 +246,19 @@ class ServedModels:
         log.warning("project %s: now serving version %s%s", key, version, f" ({note})" if note else "")
         return predictor
 
+    # -- threads -----------------------------------------------------------------------
     def _poll_loop(self) -> None:
+        next_poll = time.monotonic() + self.poll_interval_s
         while not self._stop.is_set():
-            self._wake.wait(self.poll_interval_s)
+            self._wake.wait(max(0.0, next_poll - time.monotonic()))
             self._wake.clear()
             if self._stop.is_set():
                 break
             self._forget_idle()
-            for key in self._known():
+            poll_due = time.monotonic() >= next_poll
+            if poll_due:
+                next_poll = time.monotonic() + self.poll_interval_s
+            for key in self._take_due(poll_due):
                 try:
                     self._refresh(key)
                 except Exception:  # noqa: BLE001 - the watcher must survive anything
@@ -239,23 +267,33 @@ class ServedModels:
     def _listen_loop(self) -> None:
         delay = 1.0
         while not self._stop.is_set():
+            pubsub = None
             try:
-                self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-                self._pubsub.subscribe(self.store.channel)
+                pubsub = self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self.store.channel)
+                # redis-py reconnects and resubscribes by itself after a dropped connection:
+                # hear of that too, since what was announced meanwhile went unheard.
+                pubsub.connection.register_connect_callback(self._on_reconnect)
                 delay = 1.0
+                self._announce(None)  # what was announced before we listened went unheard
                 while not self._stop.is_set():
-                    message = self._pubsub.get_message(timeout=1.0)
+                    message = pubsub.get_message(timeout=1.0)
                     if message and message.get("type") == "message":
-                        self._wake.set()
+                        self._announce(announced_project(message))
             except Exception as exc:  # noqa: BLE001 - Redis may come and go; polling goes on
                 if self._stop.is_set():
                     break
                 log.warning("model-version notifications from Redis interrupted (%s); retrying in %.0f s",
                             exc, delay)
                 self._stop.wait(delay)
-                delay = min(delay * 2, 30.0)
+                delay = min(delay * 2, RETRY_MAX_S)
             finally:
-                with contextlib.suppress(Exception):
-                    if self._pubsub is not None:
-                        self._pubsub.close()
                 self._pubsub = None
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        pubsub.connection.deregister_connect_callback(self._on_reconnect)
+                    with contextlib.suppress(Exception):
+                        pubsub.close()
+
+    def _on_reconnect(self, connection) -> None:
+        self._announce(None)
