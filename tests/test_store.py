@@ -380,3 +380,42 @@ def test_a_first_version_must_not_be_worse_than_zero_shot_when_it_was_measured(t
     ok = _publish(store, 21, {"a": 1.0}, 0.89, baseline=zs)
     assert ok.promoted and ok.gate.baseline_version == "zero-shot@packaged"
     assert store.current(21) == ok.version
+
+
+def test_the_store_hashes_a_real_checkpoint_once_when_it_serves_it(tmp_path, runtime, settings, monkeypatch):
+    """The manifest's digest of the weights is the one compared with model.json's: the
+    checkpoint does not hash them a second time, and a disagreement is still refused."""
+    import types
+
+    import backend.model.checkpoint as checkpoint
+    from backend.model import SigRLPredictor, TrainedModel, save_model
+    from backend.model.cooccurrence import CooccurrenceStats
+    from backend.model.sigrl import SigRL
+
+    bb = runtime.backbone
+    module = SigRL(bb.dim, settings.model, bb.zero_shot_scale, bb.zero_shot_bias, bb.native_dim)
+    model = TrainedModel(module, ["cat", "dog"], CooccurrenceStats.from_label_sets([["cat"], ["dog"]]),
+                         bb.describe())
+    store = ModelStore(tmp_path / "m")
+    with store.staging(41) as tmp:
+        save_model(model, tmp, metrics={"mAP": 0.5})
+        first = store.publish(41, tmp)
+    with store.staging(41) as tmp:
+        save_model(model, tmp, metrics={"mAP": 0.6})
+        meta = json.loads((tmp / "model.json").read_text())
+        meta["weights_sha256"] = "0" * 64  # model.json and the weights disagree; the manifest is fresh
+        (tmp / "model.json").write_text(json.dumps(meta))
+        second = store.publish(41, tmp, promote=False)
+    hashed = []
+    monkeypatch.setattr(checkpoint, "hashlib", types.SimpleNamespace(
+        sha256=lambda data=b"": hashed.append(len(data)) or __import__("hashlib").sha256(data)))
+    served = ServedModels(store, runtime, redis=None, poll_interval_s=0.05, fallback=TinyPredictor({}, "zero"))
+    try:
+        predictor = served.get(41)
+        assert isinstance(predictor, SigRLPredictor) and first.version in predictor.version
+        store.promote(41, second.version)
+        assert _wait(lambda: second.version in store.refusals(41), 5)
+        assert "checksum mismatch" in store.refusals(41)[second.version]["reason"]
+        assert served.get(41) is predictor and hashed == []
+    finally:
+        served.close()

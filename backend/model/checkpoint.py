@@ -126,14 +126,15 @@ def read_model_json(model_dir: str | os.PathLike) -> dict:
     return payload
 
 
-def load_model(model_dir: str | os.PathLike, expected_fingerprint: str | None = None) -> TrainedModel:
+def load_model(
+    model_dir: str | os.PathLike, expected_fingerprint: str | None = None, *, weights_sha256: str | None = None
+) -> TrainedModel:
     """The :class:`TrainedModel` in ``model_dir`` (on the CPU).
 
     ``expected_fingerprint``: the feature fingerprint of the backbone that will feed it; a
-    model trained on other features is refused."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    model trained on other features is refused. ``weights_sha256``: the weights file's digest
+    when the caller has just checked it (the model store's manifest); it is compared with the
+    one in ``model.json`` instead of hashing the weights again."""
     payload = read_model_json(model_dir)
     try:
         backbone = dict(payload["backbone"])
@@ -155,16 +156,7 @@ def load_model(model_dir: str | os.PathLike, expected_fingerprint: str | None = 
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelLoadError(f"{model_dir}: {MODEL_JSON} is incomplete or invalid ({exc})") from exc
     weights = Path(model_dir) / WEIGHTS
-    try:
-        data = weights.read_bytes()
-    except FileNotFoundError as exc:
-        raise ModelLoadError(f"{model_dir}: no {WEIGHTS}") from exc
-    if payload.get("weights_sha256") and hashlib.sha256(data).hexdigest() != payload["weights_sha256"]:
-        raise ModelLoadError(f"{weights}: checksum mismatch (corrupt or replaced weights)")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelLoadError(f"{weights}: unreadable ({exc})") from exc
+    state = _read_weights(weights, payload.get("weights_sha256"), weights_sha256)
     module = SigRL(dim, cfg, 1.0, 0.0, native_dim)
     try:
         module.load_state_dict(state, strict=True)
@@ -185,3 +177,21 @@ def load_model(model_dir: str | os.PathLike, expected_fingerprint: str | None = 
         calibration=calibration,
     )
 
+
+
+def _read_weights(weights: Path, recorded: str | None, known: str | None) -> dict:
+    """The state dict in ``weights``, read once, whose SHA-256 (``known``, else hashed from the
+    bytes read) must be the one ``model.json`` records (when it records one)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        data = weights.read_bytes()
+    except FileNotFoundError as exc:
+        raise ModelLoadError(f"{weights.parent}: no {WEIGHTS}") from exc
+    if recorded and (known or hashlib.sha256(data).hexdigest()) != recorded:
+        raise ModelLoadError(f"{weights}: checksum mismatch (corrupt or replaced weights)")
+    try:
+        return load(data)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"{weights}: unreadable ({exc})") from exc

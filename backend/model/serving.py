@@ -178,12 +178,16 @@ class SigRLPredictor(Predictor):
         return out
 
 
-def load_predictor(model_dir, runtime, device: str | None = None) -> SigRLPredictor:
+def load_predictor(
+    model_dir, runtime, device: str | None = None, *, weights_sha256: str | None = None
+) -> SigRLPredictor:
     """The servable predictor of a model directory for this runtime's backbone.
 
-    Raises :class:`~backend.errors.ModelLoadError` when the directory is incomplete or
-    corrupt, or was trained on another backbone's features."""
-    model = load_model(model_dir, expected_fingerprint=runtime.backbone.fingerprint)
+    ``weights_sha256``: the weights' digest when the caller has checked the files already (the
+    model store), so they are not hashed twice (:func:`~.checkpoint.load_model`). Raises
+    :class:`~backend.errors.ModelLoadError` when the directory is incomplete or corrupt, or was
+    trained on another backbone's features."""
+    model = load_model(model_dir, expected_fingerprint=runtime.backbone.fingerprint, weights_sha256=weights_sha256)
     suggest = runtime.settings.suggest
     if device is None:
         device = runtime.backbone.device if str(runtime.backbone.device).startswith("cuda") else "cpu"

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import CorruptVersion
+from .manifest import file_digest
 from .versions import ModelStore
 
 log = logging.getLogger(__name__)
@@ -28,10 +29,12 @@ RETRY_MAX_S = 30.0  # the longest wait between attempts to reach Redis again
 
 
 def default_loader(model_dir: Path, runtime) -> Any:
-    """The model engineer's ``backend.model.load_predictor(model_dir, runtime)``."""
-    from ..model import load_predictor  # type: ignore[attr-defined]
+    """:func:`backend.model.load_predictor` of a version :class:`ServedModels` has just
+    verified: the weights' SHA-256 comes from the manifest, so they are not hashed again."""
+    from ..model.checkpoint import WEIGHTS
+    from ..model.serving import load_predictor
 
-    return load_predictor(model_dir, runtime)
+    return load_predictor(model_dir, runtime, weights_sha256=file_digest(model_dir, WEIGHTS))
 
 
 def announced_project(message: dict) -> str | None:
