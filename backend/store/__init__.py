@@ -14,7 +14,7 @@
 from .files import atomic_write_json
 from .gate import GateDecision, decide
 from .ids import check_project, is_version_id, new_version_id
-from .served import ServedModels, default_loader
+from .served import ServedModels
 from .versions import ModelStore, PublishResult, VersionInfo
 
 __all__ = [
@@ -26,7 +26,6 @@ __all__ = [
     "atomic_write_json",
     "check_project",
     "decide",
-    "default_loader",
     "is_version_id",
     "new_version_id",
 ]

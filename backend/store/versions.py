@@ -52,9 +52,6 @@ class PublishResult:
     reason: str
     gate: GateDecision
 
-    def to_dict(self) -> dict:
-        return {**asdict(self), "path": str(self.path)}
-
 
 @dataclass
 class VersionInfo:
