@@ -9,7 +9,7 @@ from rq.job import Job
 from rq.registry import ScheduledJobRegistry
 
 from backend.errors import InvalidWebhook
-from backend.events import (
+from backend.queue.eventlog import (
     TRAIN_JOB,
     claim_pending,
     fetch_job,

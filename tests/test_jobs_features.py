@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from backend.events import fetch_job, queue, record_webhook
+from backend.queue.eventlog import fetch_job, queue, record_webhook
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -21,7 +21,7 @@ import pytest
 from rq import Worker
 from rq.job import Job
 
-from backend.events import fetch_job, queue, record_webhook, training_state
+from backend.queue.eventlog import fetch_job, queue, record_webhook, training_state
 from backend.store import ModelStore
 from tests.test_events import annotation_event, project
 

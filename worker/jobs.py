@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from backend.errors import SemlabelError
-from backend.events import (
+from backend.queue.eventlog import (
     claim_pending,
     compact_events,
     keys_for,

@@ -43,7 +43,7 @@ from ..errors import ConfigError, InvalidWebhook, RedisUnavailable
 from . import guard, metrics
 from .connection import label_studio_allowed
 from .service import _AUTO, BackendService, NotReady, check_config, project_key
-from ..spool import SpoolFull
+from ..queue.spool import SpoolFull
 from .webhooks import WebhookAuth, count, handle_webhook, webhook_action
 
 log = logging.getLogger(__name__)
@@ -354,7 +354,7 @@ def create_app(settings=None, *, runtime=None, redis=_AUTO, served=None, backgro
 
     @app.route("/train", methods=["POST"])
     def train():
-        from ..events import request_training
+        from ..queue.eventlog import request_training
 
         data, bad = _json_body(limits.max_json_depth, optional=True)
         if bad:
@@ -398,7 +398,7 @@ def _remember_tasks(service, project, tasks) -> None:
     the background: a slow or absent Redis never delays a prediction)."""
     if project is None or service.redis is None:
         return
-    from ..events import remember_tasks
+    from ..queue.eventlog import remember_tasks
 
     def run():
         try:

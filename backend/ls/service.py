@@ -25,10 +25,10 @@ from typing import Any, Mapping, Sequence
 from ..errors import ConfigError, ImageError, RedisUnavailable
 from ..features import Features
 from ..images import ImageLoader
-from ..lsrecord import read_setup, setup_key, setup_record
+from .setup_record import read_setup, setup_key, setup_record
 from ..model.decision import preselect
 from ..settings import Settings, get_settings
-from ..spool import EventRecorder
+from ..queue.spool import EventRecorder
 from . import metrics, results
 from .config import Binding, ConfigCache, ProjectConfig, TaskDataError
 from .connection import LabelStudioConnection, choose_label_studio
@@ -226,7 +226,7 @@ class BackendService:
         return self._redis
 
     def _connect_redis(self) -> None:
-        from ..redisconn import redis_client
+        from ..redis.connection import redis_client
 
         try:
             self._redis = redis_client(self.settings)

@@ -18,8 +18,8 @@ import logging
 import os
 from pathlib import Path
 
-from .redisconn import write_private
-from .settings import Settings, get_settings
+from ..redis.connection import write_private
+from ..settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 

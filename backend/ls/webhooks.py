@@ -37,7 +37,7 @@ def handle_webhook(service, payload: Any) -> dict:
     within ``redis.webhook_timeout_s``, in the disk spool: ``spooled``, replayed in order
     later) together with its review jobs, in one transaction. Raises :class:`InvalidWebhook`
     or :class:`~backend.spool.SpoolFull` (nothing stored)."""
-    from ..events import parse_webhook
+    from ..queue.eventlog import parse_webhook
 
     if not isinstance(payload, Mapping):
         raise InvalidWebhook("payload is not a JSON object")

@@ -46,8 +46,8 @@ from typing import Annotated, Any
 import redis as _redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import InvalidWebhook
-from .settings import Settings, get_settings
+from ..errors import InvalidWebhook
+from ..settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 

@@ -41,10 +41,10 @@ from typing import Any, Callable, Iterator
 
 import redis as _redis
 
-from .errors import SemlabelError
-from .events import ParsedWebhook, WebhookResult, parse_webhook, record_webhook
-from .redisconn import fast_client
-from .settings import Settings, get_settings
+from ..errors import SemlabelError
+from .eventlog import ParsedWebhook, WebhookResult, parse_webhook, record_webhook
+from ..redis.connection import fast_client
+from ..settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
