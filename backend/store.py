@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import CorruptVersion, ModelStoreError
+from .redis.keys import Keys
 
 log = logging.getLogger(__name__)
 
@@ -205,10 +206,10 @@ class ModelStore:
     @property
     def channel(self) -> str:
         """The Redis pub/sub channel announcing pointer changes."""
-        return f"{self.key_prefix}:models"
+        return Keys(self.key_prefix).models
 
     def redis_key(self, project: str | int) -> str:
-        return f"{self.key_prefix}:current:{check_project(project)}"
+        return Keys(self.key_prefix).current(check_project(project))
 
     def project_dir(self, project: str | int) -> Path:
         return self.root / check_project(project)

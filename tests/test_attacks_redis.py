@@ -219,7 +219,8 @@ def test_a_training_folds_the_stream_so_the_next_reads_the_annotations_not_the_h
     """Finding 7: the event stream had no bound and every training read all of it. After a
     training folds it, the stream holds only what came since, and the next training reads
     the snapshot (one entry per annotation) plus the new events — the same annotations."""
-    from backend.queue.eventlog import claim_pending, compact_events, training_state
+    from backend.queue.debounce import claim_pending, training_state
+    from backend.queue.eventlog import compact_events
 
     for round_ in range(20):  # five annotations, each updated twenty times
         for ann in range(1, 6):

@@ -103,7 +103,8 @@ def outage_burst(post: Callable[[dict], tuple[int, dict]], *, project: int, n: i
 def count_training_input(redis, project: int, n: int, post: Callable[[dict], tuple[int, dict]], settings) -> dict:
     """After the burst: START_TRAINING, then what that training job reads (its claim and its
     collect step, in this process). Counts annotations reaching it, lost and stored twice."""
-    from backend.queue.eventlog import claim_pending, read_events
+    from backend.queue.debounce import claim_pending
+    from backend.queue.eventlog import read_events
     from worker.jobs import collect
 
     status, body = post({"action": "START_TRAINING", "project": {"id": project, "label_config": LABEL_CONFIG}})

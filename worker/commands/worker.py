@@ -166,7 +166,8 @@ def models_status(project, as_json) -> None:
         if redis is not None:
             from rq.exceptions import NoSuchJobError
 
-            from backend.queue.eventlog import fetch_job, training_state
+            from backend.queue.contract import fetch_job
+            from backend.queue.debounce import training_state
 
             state = training_state(redis, name, settings)
             jobs = []
@@ -239,7 +240,7 @@ def models_rollback(project) -> None:
 @click.option("--in", "delay", type=float, default=None, help="Seconds from now (default: now).")
 def models_train(project, delay) -> None:
     """Queue a training job for a project now (like Label Studio's START_TRAINING)."""
-    from backend.queue.eventlog import request_training
+    from backend.queue.debounce import request_training
     from backend.redis.connection import redis_client
 
     info = request_training(redis_client(), project, reason="semlabel models train", delay_s=delay)
