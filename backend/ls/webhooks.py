@@ -108,31 +108,34 @@ class WebhookAuth:
                 "PATCH /api/webhooks/<id> {\"headers\": {\"Authorization\": \"Basic ...\"}}", project)
 
     def patch(self, project: str, conn, host: str) -> bool:
-        """One attempt; True when at least one webhook of this backend now sends the header."""
-        import requests
+        """One attempt; True when at least one webhook of this backend now sends the header.
+        Through label-studio-sdk's webhooks client, on a client that never follows a
+        redirect: the token goes to Label Studio's address only."""
+        from label_studio_sdk.client import LabelStudio
+        from label_studio_sdk.core.api_error import ApiError
 
-        headers = conn.auth_headers()
-        # No redirects: the token goes to Label Studio's address only.
-        resp = requests.get(f"{conn.url}/api/webhooks", params={"project": project}, headers=headers, timeout=5,
-                            allow_redirects=False)
-        resp.raise_for_status()
-        if resp.status_code != 200:
-            raise RuntimeError(f"GET /api/webhooks answered {resp.status_code}")
+        client = LabelStudio(base_url=conn.url, api_key=conn.api_key, timeout=5, follow_redirects=False,
+                             max_retries=0)
+        try:
+            hooks = client.webhooks.list(project=str(project))
+        except ApiError as exc:
+            raise RuntimeError(f"GET /api/webhooks answered {exc.status_code}") from None
         found = False
-        for hook in resp.json():
-            url = urlparse(str(hook.get("url", "")))
+        for hook in hooks:
+            url = urlparse(str(hook.url or ""))
             if url.netloc.lower() != host.lower() or not url.path.rstrip("/").endswith("/webhook"):
                 continue
             found = True
-            current = dict(hook.get("headers") or {})
+            current = dict(hook.headers or {})
             if current.get("Authorization") == self.header:
                 continue
             current["Authorization"] = self.header
-            r = requests.patch(f"{conn.url}/api/webhooks/{int(hook['id'])}", json={"headers": current},
-                               headers=headers, timeout=5, allow_redirects=False)
-            r.raise_for_status()
+            try:
+                client.webhooks.update(int(hook.id), headers=current)
+            except ApiError as exc:
+                raise RuntimeError(f"PATCH /api/webhooks/{hook.id} answered {exc.status_code}") from None
             log.warning("project %s: Label Studio webhook %s now sends this backend's basic-auth header",
-                        project, hook["id"])
+                        project, hook.id)
         return found
 
 
