@@ -338,7 +338,7 @@ def test_annotation_webhooks_are_persisted_and_queue_review_jobs(client, redis_c
 
 
 def test_start_training_goes_to_the_gpu_queue(client, redis_conn):
-    from backend.events import fetch_job
+    from backend.queue.contract import fetch_job
 
     resp = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7, "label_config": CONFIG}})
     assert resp.status_code == 201
@@ -411,7 +411,7 @@ def test_versions_answers_get_and_post(client, runtime):
 
 
 def test_train_route_queues_a_training_job(client, redis_conn):
-    from backend.events import fetch_job
+    from backend.queue.contract import fetch_job
 
     resp = client.post("/train", json={"project": "7.1795398852"})
     assert resp.status_code == 201

@@ -250,8 +250,9 @@ def test_f1_setting_the_webhook_header_never_follows_a_redirect(attacker, label_
     from backend.ls.connection import LabelStudioConnection
     from backend.ls.webhooks import WebhookAuth
 
-    attacker.routes["/api/webhooks"] = lambda h: h.reply(200, b"[]", [("Content-Type", "application/json")])
-    label_studio.routes["/api/webhooks"] = redirect_to(f"{attacker.url}/api/webhooks")
+    # label-studio-sdk asks for /api/webhooks/ (its canonical path).
+    attacker.routes["/api/webhooks/"] = lambda h: h.reply(200, b"[]", [("Content-Type", "application/json")])
+    label_studio.routes["/api/webhooks/"] = redirect_to(f"{attacker.url}/api/webhooks/")
     with pytest.raises(RuntimeError, match="302"):
         WebhookAuth("Basic eDp5").patch("7", LabelStudioConnection(label_studio.url, "ls-key"), "127.0.0.1:9090")
     assert label_studio.requests[0][2] == "Token ls-key" and attacker.requests == []

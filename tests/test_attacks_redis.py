@@ -20,7 +20,7 @@ import pytest
 import redis as redis_lib
 
 from backend.errors import InvalidWebhook
-from backend.events import read_events, read_state, record_webhook
+from backend.queue.eventlog import read_events, read_state, record_webhook
 from tests.redis_helpers import PrivateRedis
 from worker.bench_outage import annotation_webhook, count_training_input, outage_burst
 
@@ -48,7 +48,7 @@ def backend(private_redis, tmp_path, settings, runtime):
     """The backend app (review jobs off: nothing but the event path) on the private Redis,
     with its own data directory (and so its own disk spool), background threads running."""
     from backend.ls.app import create_app
-    from backend.redisconn import redis_client
+    from backend.redis.connection import redis_client
     from backend.store import ModelStore, ServedModels
 
     back = settings.backend.model_copy(update={"review": settings.backend.review.model_copy(update={"enabled": False})})
@@ -121,7 +121,7 @@ def test_a_setup_made_while_redis_is_down_is_recorded_when_it_returns_without_th
     """Before: a /setup made while Redis was down lived only in that process; and Redis held
     the Label Studio token in plain text. Now it is spooled and written when Redis returns,
     with a reference to the token (the token stays on this machine, mode 0600)."""
-    from backend.lsrecord import read_setup
+    from backend.ls.setup_record import read_setup
 
     service = backend.extensions["semlabel"]
     token = "tok-" + "s3cr3t" * 6
@@ -200,7 +200,7 @@ def test_the_tasks_hash_is_bounded_and_forgets_deleted_tasks(redis_conn, setting
     """Finding 7: every task /predict or TASKS_CREATED ever named stayed in the project's
     hash. Now at most `redis.max_remembered_tasks`, updates of known tasks still land, and
     deleted tasks are removed."""
-    from backend.events import remember_tasks, task_data
+    from backend.queue.eventlog import remember_tasks, task_data
 
     s = settings.model_copy(update={"redis": settings.redis.model_copy(update={"max_remembered_tasks": 10})})
     assert remember_tasks(redis_conn, 1, [{"id": i, "data": {"image": f"/{i}.png"}} for i in range(1, 26)], s) == 10
@@ -219,7 +219,8 @@ def test_a_training_folds_the_stream_so_the_next_reads_the_annotations_not_the_h
     """Finding 7: the event stream had no bound and every training read all of it. After a
     training folds it, the stream holds only what came since, and the next training reads
     the snapshot (one entry per annotation) plus the new events — the same annotations."""
-    from backend.events import claim_pending, compact_events, training_state
+    from backend.queue.debounce import claim_pending, training_state
+    from backend.queue.eventlog import compact_events
 
     for round_ in range(20):  # five annotations, each updated twenty times
         for ann in range(1, 6):

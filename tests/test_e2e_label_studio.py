@@ -248,7 +248,7 @@ def test_a_label_added_to_the_config_is_scored_at_once(stack, project):
 
 
 def test_start_training_reaches_the_training_queue(stack, project):
-    from backend.events import fetch_job
+    from backend.queue.contract import fetch_job
 
     ls, r = stack.ls, stack.redis
     ls.api("POST", f"/api/ml/{project.ml}/train", expect=200, json={})

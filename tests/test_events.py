@@ -9,20 +9,10 @@ from rq.job import Job
 from rq.registry import ScheduledJobRegistry
 
 from backend.errors import InvalidWebhook
-from backend.events import (
-    TRAIN_JOB,
-    claim_pending,
-    fetch_job,
-    parse_webhook,
-    queue,
-    read_events,
-    reconcile,
-    record_webhook,
-    remember_tasks,
-    request_training,
-    task_data,
-    training_state,
-)
+from backend.queue.contract import TRAIN_JOB, fetch_job, queue
+from backend.queue.debounce import claim_pending, request_training, training_state
+from backend.queue.eventlog import read_events, reconcile, record_webhook, remember_tasks, task_data
+from backend.queue.webhook import parse_webhook
 
 LABEL_CONFIG = '<View><Image name="image" value="$image"/><Choices name="labels" toName="image" choice="multiple"><Choice value="cat"/><Choice value="dog"/></Choices></View>'
 

@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from backend.events import fetch_job, queue, record_webhook
+from backend.queue.contract import fetch_job, queue
+from backend.queue.eventlog import record_webhook
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -8,7 +8,8 @@ import time
 import pytest
 
 from backend.ls import metrics
-from backend.ls.review import GROUP, ReviewQueue, jobs_for_webhook
+from backend.ls.review import GROUP, ReviewQueue
+from backend.queue.webhook import parse_webhook
 from tests.test_app import CONFIG
 
 
@@ -35,19 +36,23 @@ def _review_job(ann_id=1, project="5"):
             "label_config": CONFIG}
 
 
-def test_jobs_follow_the_webhook_actions():
+def test_jobs_follow_the_webhook_actions(settings):
     payload = {"action": "ANNOTATIONS_CREATED", "project": {"id": 5, "label_config": CONFIG},
                "annotations": [
                    {"id": 1, "task": 3, "result": [{"type": "choices"}]},
                    {"id": 2, "task": 4, "result": [], "was_cancelled": True},
                    {"id": 3, "task": {"id": 6, "data": {"image": "a.jpg"}}, "result": [{"type": "choices"}]},
                ]}
-    jobs = jobs_for_webhook(payload, "5")
+    jobs = parse_webhook(payload, settings).review_jobs
     assert [(j["annotation"]["id"], j["task_id"], j["task_data"]) for j in jobs] == [(1, 3, None), (3, 6, {"image": "a.jpg"})]
-    assert all(j["label_config"] == CONFIG for j in jobs)
-    deleted = jobs_for_webhook({"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 1}, {"id": 9}]}, "5")
+    assert all(j["label_config"] == CONFIG and j["project"] == "5" for j in jobs)
+    deleted = parse_webhook({"action": "ANNOTATIONS_DELETED", "project": 5, "annotations": [{"id": 1}, {"id": 9}]},
+                            settings).review_jobs
     assert deleted == [{"kind": "delete", "project": "5", "annotation_ids": [1, 9], "action": "ANNOTATIONS_DELETED"}]
-    assert jobs_for_webhook({"action": "PROJECT_UPDATED", "project": {"id": 5}}, "5") == []
+    assert parse_webhook({"action": "PROJECT_UPDATED", "project": {"id": 5}}, settings).review_jobs == []
+    off = settings.model_copy(update={"backend": settings.backend.model_copy(
+        update={"review": settings.backend.review.model_copy(update={"enabled": False})})})
+    assert parse_webhook(payload, off).review_jobs == []
 
 
 def test_a_job_queued_while_no_backend_runs_is_handled_by_the_next_one(service, redis_conn):

@@ -59,7 +59,7 @@ def isolated(monkeypatch, tmp_path):
 
 
 def test_a_missing_redis_is_one_clear_line(isolated, monkeypatch):
-    from backend.redisconn import ensure_redis, redis_client
+    from backend.redis.connection import ensure_redis, redis_client
     from backend.settings import reload_settings
 
     settings, port = isolated
@@ -84,7 +84,7 @@ def test_a_missing_redis_is_one_clear_line(isolated, monkeypatch):
 
 
 def test_embedded_server_starts_with_append_only_persistence_and_stops(isolated):
-    from backend.redisconn import ensure_redis, resolve_redis_url
+    from backend.redis.connection import ensure_redis, resolve_redis_url
 
     settings, port = isolated
     url, server = ensure_redis(settings)

@@ -305,7 +305,8 @@ def test_a_worker_killed_mid_training_changes_nothing_served_and_the_job_is_retr
     from rq.registry import StartedJobRegistry
     from rq.scheduler import RQScheduler
 
-    from backend.events import fetch_job, queue, training_state
+    from backend.queue.contract import fetch_job, queue
+    from backend.queue.debounce import training_state
     from backend.store import ModelStore
 
     r = redis_lib.Redis.from_url(stack.redis_url)

@@ -21,7 +21,9 @@ import pytest
 from rq import Worker
 from rq.job import Job
 
-from backend.events import fetch_job, queue, record_webhook, training_state
+from backend.queue.contract import fetch_job, queue
+from backend.queue.debounce import training_state
+from backend.queue.eventlog import record_webhook
 from backend.store import ModelStore
 from tests.test_events import annotation_event, project
 

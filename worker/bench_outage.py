@@ -103,7 +103,8 @@ def outage_burst(post: Callable[[dict], tuple[int, dict]], *, project: int, n: i
 def count_training_input(redis, project: int, n: int, post: Callable[[dict], tuple[int, dict]], settings) -> dict:
     """After the burst: START_TRAINING, then what that training job reads (its claim and its
     collect step, in this process). Counts annotations reaching it, lost and stored twice."""
-    from backend.events import claim_pending, read_events
+    from backend.queue.debounce import claim_pending
+    from backend.queue.eventlog import read_events
     from worker.jobs import collect
 
     status, body = post({"action": "START_TRAINING", "project": {"id": project, "label_config": LABEL_CONFIG}})
@@ -141,7 +142,7 @@ def run(out_dir: Path, *, n: int = 200, rate: float = 5.0, kill_after: int = 25,
     from werkzeug.serving import make_server
 
     from backend.ls.app import create_app
-    from backend.redisconn import EmbeddedRedis, redis_client
+    from backend.redis.connection import EmbeddedRedis, redis_client
     from backend.settings import get_settings
 
     root = Path(tempfile.mkdtemp(prefix="semlabel-outage-"))

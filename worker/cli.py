@@ -115,7 +115,7 @@ def doctor() -> None:
 def _redis_status(settings) -> dict:
     """The Redis semlabel would use (REDIS_URL, a running embedded one, or localhost)."""
     from backend.errors import RedisUnavailable
-    from backend.redisconn import redact, redis_client, resolve_redis_url
+    from backend.redis.connection import redact, redis_client, resolve_redis_url
 
     url = resolve_redis_url(settings)
     try:

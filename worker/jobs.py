@@ -41,15 +41,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from backend.errors import SemlabelError
-from backend.events import (
-    claim_pending,
-    compact_events,
-    keys_for,
-    project_info,
-    read_state,
-    request_training,
-    task_data,
-)
+from backend.queue.debounce import claim_pending, request_training
+from backend.queue.eventlog import compact_events, project_info, read_state, task_data
+from backend.redis.keys import keys_for
 from backend.settings import Settings, get_settings
 from backend.store import ModelStore
 

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from backend.redisconn import EmbeddedRedis, ensure_redis, redact, redis_client
+from backend.redis.connection import EmbeddedRedis, ensure_redis, redact, redis_client
 from backend.settings import Settings, get_settings, reload_settings
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def run_worker(
 ) -> bool:
     """Run an RQ worker until stopped (SIGTERM/SIGINT: warm shutdown) or, with ``burst``,
     until the queues are empty. Returns whether it did any job."""
-    from backend.events import job_serializer, queue
+    from backend.queue.contract import job_serializer, queue
 
     SemlabelWorker = _semlabel_worker_class()
     settings = settings or get_settings()
@@ -157,7 +157,7 @@ def healthy_workers(settings: Settings | None = None, hostname: str | None = Non
 
     from rq import Worker
 
-    from backend.events import queue as _queue
+    from backend.queue.contract import queue as _queue
 
     settings = settings or get_settings()
     connection = redis_client(settings)

@@ -43,8 +43,9 @@ from ..errors import ConfigError, InvalidWebhook, RedisUnavailable
 from . import guard, metrics
 from .connection import label_studio_allowed
 from .service import _AUTO, BackendService, NotReady, check_config, project_key
-from ..spool import SpoolFull
-from .webhooks import WebhookAuth, count, handle_webhook, webhook_action
+from ..queue.spool import SpoolFull
+from ..queue.webhook import parse_webhook
+from .webhooks import WebhookAuth, count, handle_webhook
 
 log = logging.getLogger(__name__)
 
@@ -326,13 +327,15 @@ def create_app(settings=None, *, runtime=None, redis=_AUTO, served=None, backgro
             count("other", "invalid")
             guard.refused.warn("webhook-invalid", "webhook refused: %s", exc.reason)
             return _error(exc.reason if "deeper" in exc.reason else "payload is not a JSON object", exc.status)
-        action = webhook_action(payload)
         try:
-            out = handle_webhook(service, payload)
+            event = parse_webhook(payload, service.settings)
         except InvalidWebhook as exc:
-            count(action, "invalid")
-            guard.refused.warn("webhook-invalid", "webhook %s refused: %s", action, exc.reason)
+            count(exc.action, "invalid")
+            guard.refused.warn("webhook-invalid", "webhook %s refused: %s", exc.action, exc.reason)
             return _error(exc.reason, 400)
+        action = event.metric_action
+        try:
+            out = handle_webhook(service, event)
         except (RedisUnavailable, _redis.RedisError, SpoolFull) as exc:
             count(action, "unavailable")
             log.error("webhook %s not stored: %s", action, exc)
@@ -354,7 +357,7 @@ def create_app(settings=None, *, runtime=None, redis=_AUTO, served=None, backgro
 
     @app.route("/train", methods=["POST"])
     def train():
-        from ..events import request_training
+        from ..queue.debounce import request_training
 
         data, bad = _json_body(limits.max_json_depth, optional=True)
         if bad:
@@ -398,7 +401,7 @@ def _remember_tasks(service, project, tasks) -> None:
     the background: a slow or absent Redis never delays a prediction)."""
     if project is None or service.redis is None:
         return
-    from ..events import remember_tasks
+    from ..queue.eventlog import remember_tasks
 
     def run():
         try:

@@ -64,13 +64,14 @@ class SemlabelModel(LabelStudioMLBase):
 
     def fit(self, tasks, workdir=None, event: str | None = None, data: dict | None = None, **kwargs) -> dict:
         """Record a Label Studio event (persisted in Redis; training is debounced and runs on
-        the RQ ``gpu`` queue). Returns what :func:`backend.events.record_webhook` did."""
+        the RQ ``gpu`` queue). Returns what :func:`backend.queue.eventlog.record_webhook` did."""
+        from ..queue.webhook import parse_webhook
         from .webhooks import handle_webhook
 
         payload = dict(data or {})
         if event:
             payload["action"] = event
-        return handle_webhook(self.service, payload)
+        return handle_webhook(self.service, parse_webhook(payload, self.service.settings))
 
     def process_event(self, event, data, job_id=None, additional_params=None):
         # Every event goes to fit(): the base class ignores START_TRAINING and all deletions.

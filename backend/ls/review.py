@@ -1,8 +1,9 @@
 """Review predictions after submit, computed off the webhook's 1-second path.
 
 ``/webhook`` answers at once; for ``ANNOTATION_CREATED``/``ANNOTATION_UPDATED`` it also appends a
-*review job* to the Redis stream ``<prefix>:review`` (after :func:`backend.events.record_webhook`
-has persisted the event itself). Every backend process drains that stream in a background thread
+*review job* (made by :func:`backend.queue.webhook.parse_webhook`) to the Redis stream
+``<prefix>:review``, in the transaction of :func:`backend.queue.eventlog.record_webhook` that
+persists the event itself. Every backend process drains that stream in a background thread
 through one consumer group, so:
 
 - a job is in Redis before the webhook answers — a backend that is down or restarting loses
@@ -47,61 +48,16 @@ from typing import Any, Mapping
 import redis as _redis
 
 from ..errors import ConfigError, ImageError
+from ..redis.keys import keys_for
 from . import metrics
 
 log = logging.getLogger(__name__)
 
 GROUP = "semlabel-backend"
-REVIEW_ACTIONS = {"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_UPDATED"}
-DELETE_ACTIONS = {"ANNOTATION_DELETED", "ANNOTATIONS_DELETED"}
 
 
 class PermanentFailure(Exception):
     """A job retrying cannot fix."""
-
-
-def _listed(payload: Mapping, singular: str, plural: str) -> list:
-    value = payload.get(plural, payload.get(singular))
-    if isinstance(value, dict):
-        return [value]
-    return [v for v in value if isinstance(v, (dict, int, str))] if isinstance(value, list) else []
-
-
-def jobs_for_webhook(payload: Mapping, project: str) -> list[dict]:
-    """The review jobs a (valid) webhook payload asks for."""
-    action = str(payload.get("action", "")).upper()
-    label_config = None
-    if isinstance(payload.get("project"), Mapping):
-        label_config = payload["project"].get("label_config")
-    top_task = payload.get("task") if isinstance(payload.get("task"), Mapping) else None
-    jobs = []
-    if action in REVIEW_ACTIONS:
-        for ann in _listed(payload, "annotation", "annotations"):
-            if not isinstance(ann, Mapping) or ann.get("was_cancelled") or not ann.get("result"):
-                continue
-            task = ann.get("task")
-            task_obj = task if isinstance(task, Mapping) else top_task
-            task_id = task_obj.get("id") if isinstance(task_obj, Mapping) else task
-            if task_obj is not None and task_obj.get("id") != task_id:
-                task_obj = None
-            jobs.append({
-                "kind": "review",
-                "project": project,
-                "annotation": {k: ann.get(k) for k in ("id", "result", "was_cancelled", "updated_at", "created_at")},
-                "task_id": task_id,
-                "task_data": task_obj.get("data") if isinstance(task_obj, Mapping) else None,
-                "label_config": label_config if isinstance(label_config, str) else None,
-                "action": action,
-            })
-    elif action in DELETE_ACTIONS:
-        ids = []
-        for ann in _listed(payload, "annotation", "annotations"):
-            ann_id = ann.get("id") if isinstance(ann, Mapping) else ann
-            if ann_id is not None:
-                ids.append(int(ann_id))
-        if ids:
-            jobs.append({"kind": "delete", "project": project, "annotation_ids": ids, "action": action})
-    return jobs
 
 
 class ReviewQueue:
@@ -111,7 +67,7 @@ class ReviewQueue:
         self.service = service
         self.settings = service.settings
         self.cfg = service.settings.backend.review
-        self.key = service.key("review")
+        self.key = keys_for(service.settings).review
         self.consumer = f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xffff:x}"
         self.block_ms = block_ms
         self._stop = threading.Event()
@@ -269,7 +225,7 @@ class ReviewQueue:
             raise PermanentFailure("a review job without annotation or task id")
         redis = self.service.redis
         stamp = str(ann.get("updated_at") or ann.get("created_at") or "")
-        seen_key = self.service.key("review", "seen", project)
+        seen_key = keys_for(self.settings).review_seen(project)
         if stamp and redis is not None:
             last = redis.hget(seen_key, str(ann_id))
             if last is not None and last.decode() > stamp:
@@ -300,7 +256,7 @@ class ReviewQueue:
             outcome = "stored"
         if redis is not None:
             pipe = redis.pipeline(transaction=False)
-            pipe.hset(self.service.key("review", "annotations", project), str(ann_id), str(task_id))
+            pipe.hset(keys_for(self.settings).review_annotations(project), str(ann_id), str(task_id))
             if stamp:
                 pipe.hset(seen_key, str(ann_id), stamp)
             pipe.execute()
@@ -309,7 +265,7 @@ class ReviewQueue:
     def _delete(self, job: Mapping[str, Any]) -> str:
         project = str(job["project"])
         redis = self.service.redis
-        key = self.service.key("review", "annotations", project)
+        key = keys_for(self.settings).review_annotations(project)
         targets = []
         for ann_id in job.get("annotation_ids") or []:
             task = redis.hget(key, str(ann_id)) if redis is not None else None

@@ -25,10 +25,11 @@ from typing import Any, Mapping, Sequence
 from ..errors import ConfigError, ImageError, RedisUnavailable
 from ..features import Features
 from ..images import ImageLoader
-from ..lsrecord import read_setup, setup_key, setup_record
+from ..redis.keys import keys_for
+from .setup_record import read_setup, setup_record
 from ..model.decision import preselect
 from ..settings import Settings, get_settings
-from ..spool import EventRecorder
+from ..queue.spool import EventRecorder
 from . import metrics, results
 from .config import Binding, ConfigCache, ProjectConfig, TaskDataError
 from .connection import LabelStudioConnection, choose_label_studio
@@ -226,15 +227,12 @@ class BackendService:
         return self._redis
 
     def _connect_redis(self) -> None:
-        from ..redisconn import redis_client
+        from ..redis.connection import redis_client
 
         try:
             self._redis = redis_client(self.settings)
         except RedisUnavailable as exc:
             log.error("%s (webhooks answer 503 until it does)", exc)
-
-    def key(self, *parts: str) -> str:
-        return ":".join([self.settings.redis.key_prefix, *parts])
 
     # -- models ------------------------------------------------------------------------
     @property
@@ -340,7 +338,7 @@ class BackendService:
             return
         self._setup[project] = (hostname, token)
         try:  # Redis gets a reference to the token, never the token (backend/lsrecord.py)
-            self.events.record_hash(setup_key(project, self.settings), setup_record(hostname, token, self.settings))
+            self.events.record_hash(keys_for(self.settings).setup(project), setup_record(hostname, token, self.settings))
         except Exception as exc:  # noqa: BLE001 - the in-process copy still works
             log.warning("project %s: could not record the Label Studio host (%s)", project, exc)
 

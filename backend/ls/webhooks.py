@@ -1,11 +1,12 @@
-"""Label Studio webhooks: persist, queue review jobs, and keep the webhook authenticated.
+"""Label Studio webhooks: persist them, and keep the webhook authenticated.
 
-:func:`handle_webhook` is the whole of ``POST /webhook``: the event and its review jobs
-(:mod:`.review`) go to Redis through :func:`backend.events.record_webhook` (validated,
-persisted and debounced into a training job on the RQ ``gpu`` queue before it returns, ~2 ms)
-— or, when Redis does not answer within ``redis.webhook_timeout_s``, into the disk spool of
-:mod:`backend.spool`, replayed in order when it answers. Label Studio waits one second for the
-answer; nothing here waits on a model or on a Redis that is away.
+:func:`handle_webhook` is the whole of ``POST /webhook`` after the payload was parsed once
+(:func:`backend.queue.webhook.parse_webhook`): the event and its review jobs (:mod:`.review`)
+go to Redis through :func:`backend.queue.eventlog.record_webhook` (persisted and debounced into
+a training job on the RQ ``gpu`` queue before it returns, ~2 ms) — or, when Redis does not
+answer within ``redis.webhook_timeout_s``, into the disk spool of :mod:`backend.queue.spool`,
+replayed in order when it answers. Label Studio waits one second for the answer; nothing here
+waits on a model or on a Redis that is away.
 
 Basic auth and webhooks: Label Studio sends its webhooks **without** the ML backend's
 credentials (only ``START_TRAINING`` carries them). semlabel does not exempt ``/webhook`` from
@@ -18,46 +19,30 @@ connected, before any annotation can be sent).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import threading
 import time
-from typing import Any, Mapping
 from urllib.parse import urlparse
 
-from ..errors import InvalidWebhook
+from ..queue.webhook import START_TRAINING, WebhookEvent, metric_action
 from . import metrics
-from .review import jobs_for_webhook
 
 log = logging.getLogger(__name__)
 
 
-def handle_webhook(service, payload: Any) -> dict:
-    """Record one webhook payload (validated, then in Redis — or, when Redis does not answer
-    within ``redis.webhook_timeout_s``, in the disk spool: ``spooled``, replayed in order
-    later) together with its review jobs, in one transaction. Raises :class:`InvalidWebhook`
-    or :class:`~backend.spool.SpoolFull` (nothing stored)."""
-    from ..events import parse_webhook
-
-    if not isinstance(payload, Mapping):
-        raise InvalidWebhook("payload is not a JSON object")
-    _check_project_id(payload)
-    action = str(payload.get("action") or "").strip().upper() or "?"
-    parsed = parse_webhook(dict(payload), service.settings)
-    jobs, also = [], []
-    if service.cfg.review.enabled and parsed.project is not None:
-        jobs = jobs_for_webhook(payload, parsed.project)
-        now = f"{time.time():.6f}"
-        also = [(service.key("review"), {"job": json.dumps(job, separators=(",", ":"), default=str), "ts": now})
-                for job in jobs]
-    result = service.events.record(parsed, also=also)
+def handle_webhook(service, event: WebhookEvent) -> dict:
+    """Record one parsed webhook (in Redis — or, when Redis does not answer within
+    ``redis.webhook_timeout_s``, in the disk spool: ``spooled``, replayed in order later)
+    together with its review jobs, in one transaction. Raises
+    :class:`~backend.queue.spool.SpoolFull` (nothing stored)."""
+    result = service.events.record(event)
     out = result.to_dict()
     if result.ignored:
         return out
-    queued = result.stored > 0 or not parsed.events  # duplicates queue no review job again
+    queued = result.stored > 0 or not event.events  # duplicates queue no review job again
     out["review_jobs"] = [{"kind": j["kind"], "annotation": (j.get("annotation") or {}).get("id"),
-                           "annotation_ids": j.get("annotation_ids")} for j in jobs] if queued else []
-    if result.training and action == "START_TRAINING":
+                           "annotation_ids": j.get("annotation_ids")} for j in event.review_jobs] if queued else []
+    if result.training and event.action == START_TRAINING:
         out["job"] = result.training.get("job_id")  # Label Studio records it as the train job
     return out
 
@@ -123,71 +108,37 @@ class WebhookAuth:
                 "PATCH /api/webhooks/<id> {\"headers\": {\"Authorization\": \"Basic ...\"}}", project)
 
     def patch(self, project: str, conn, host: str) -> bool:
-        """One attempt; True when at least one webhook of this backend now sends the header."""
-        import requests
+        """One attempt; True when at least one webhook of this backend now sends the header.
+        Through label-studio-sdk's webhooks client, on a client that never follows a
+        redirect: the token goes to Label Studio's address only."""
+        from label_studio_sdk.client import LabelStudio
+        from label_studio_sdk.core.api_error import ApiError
 
-        headers = conn.auth_headers()
-        # No redirects: the token goes to Label Studio's address only.
-        resp = requests.get(f"{conn.url}/api/webhooks", params={"project": project}, headers=headers, timeout=5,
-                            allow_redirects=False)
-        resp.raise_for_status()
-        if resp.status_code != 200:
-            raise RuntimeError(f"GET /api/webhooks answered {resp.status_code}")
+        client = LabelStudio(base_url=conn.url, api_key=conn.api_key, timeout=5, follow_redirects=False,
+                             max_retries=0)
+        try:
+            hooks = client.webhooks.list(project=str(project))
+        except ApiError as exc:
+            raise RuntimeError(f"GET /api/webhooks answered {exc.status_code}") from None
         found = False
-        for hook in resp.json():
-            url = urlparse(str(hook.get("url", "")))
+        for hook in hooks:
+            url = urlparse(str(hook.url or ""))
             if url.netloc.lower() != host.lower() or not url.path.rstrip("/").endswith("/webhook"):
                 continue
             found = True
-            current = dict(hook.get("headers") or {})
+            current = dict(hook.headers or {})
             if current.get("Authorization") == self.header:
                 continue
             current["Authorization"] = self.header
-            r = requests.patch(f"{conn.url}/api/webhooks/{int(hook['id'])}", json={"headers": current},
-                               headers=headers, timeout=5, allow_redirects=False)
-            r.raise_for_status()
+            try:
+                client.webhooks.update(int(hook.id), headers=current)
+            except ApiError as exc:
+                raise RuntimeError(f"PATCH /api/webhooks/{hook.id} answered {exc.status_code}") from None
             log.warning("project %s: Label Studio webhook %s now sends this backend's basic-auth header",
-                        project, hook["id"])
+                        project, hook.id)
         return found
 
 
-#: Label Studio 1.23's webhook actions. Any other value is counted as "other", so the
-#: Prometheus label values stay a fixed, small set whatever a caller sends.
-KNOWN_ACTIONS = frozenset({
-    "PROJECT_CREATED", "PROJECT_UPDATED", "PROJECT_DELETED", "TASKS_CREATED", "TASKS_DELETED",
-    "ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED",
-    "LABEL_LINK_CREATED", "LABEL_LINK_UPDATED", "LABEL_LINK_DELETED", "START_TRAINING",
-    "REVIEW_CREATED", "REVIEW_UPDATED", "REVIEWS_DELETED",
-})
-
-
-def webhook_action(payload: Any) -> str:
-    """The payload's action as a metric label: a known action, ``"?"`` (none) or ``"other"``."""
-    if not isinstance(payload, Mapping) or not payload.get("action"):
-        return "?"
-    action = str(payload.get("action"))[:64].strip().upper()
-    return action if action in KNOWN_ACTIONS else "other"
-
-
-def _check_project_id(payload: Mapping) -> None:
-    """A project id, wherever the payload carries one, is a positive integer."""
-    holders = [payload.get("project")]
-    for name in ("annotation", "task"):
-        obj = payload.get(name)
-        if isinstance(obj, Mapping):
-            holders.append(obj.get("project"))
-    for value in holders:
-        if isinstance(value, Mapping):
-            value = value.get("id")
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise InvalidWebhook("project id must be a positive integer")
-        text = str(value).strip()
-        if not text.isdigit() or int(text) <= 0 or len(text) > 18:
-            raise InvalidWebhook(f"project id must be a positive integer, got {text[:20]!r}")
-
-
 def count(action: str, outcome: str) -> None:
-    action = action if action in KNOWN_ACTIONS or action == "?" else "other"
-    metrics.WEBHOOKS.labels(action, outcome).inc()
+    """Count a webhook by its action (a metric label, see :func:`~backend.queue.webhook.metric_action`)."""
+    metrics.WEBHOOKS.labels(metric_action(action), outcome).inc()

@@ -2,8 +2,8 @@
 the announcement of every change.
 
 The pointer file (JSON, replaced atomically) is the truth: the backend starts without Redis
-and polls it. With a Redis client, every change also sets :data:`CURRENT_KEY` and publishes
-``{"project", "version"}`` on :data:`MODELS_CHANNEL`, which
+and polls it. With a Redis client, every change also sets the project's ``current`` key and publishes
+``{"project", "version"}`` on the ``models`` channel (both named in :mod:`backend.redis.keys`), which
 :class:`~backend.store.served.ServedModels` listens to. A failed announcement never undoes a
 change.
 """
@@ -16,13 +16,10 @@ import socket
 from pathlib import Path
 
 from .files import atomic_write_json, file_stamp, utc_iso
+from ..redis.keys import Keys
 from .ids import check_project
 
 log = logging.getLogger(__name__)
-
-# Redis names (formatted with the settings' key prefix).
-CURRENT_KEY = "{prefix}:current:{project}"  # string: the project's current version
-MODELS_CHANNEL = "{prefix}:models"  # pub/sub: {"project", "version"} at every pointer change
 
 POINTER = "CURRENT"
 PREVIOUS_KEPT = 20  # rollback targets remembered in the pointer
@@ -34,11 +31,11 @@ class Pointers:
     def __init__(self, root: Path, redis=None, key_prefix: str = "semlabel"):
         self.root = root
         self.redis = redis
-        self.channel = MODELS_CHANNEL.format(prefix=key_prefix)
+        self.channel = Keys(key_prefix).models
         self.key_prefix = key_prefix
 
     def redis_key(self, project: str | int) -> str:
-        return CURRENT_KEY.format(prefix=self.key_prefix, project=check_project(project))
+        return Keys(self.key_prefix).current(check_project(project))
 
     def path(self, project: str | int) -> Path:
         return self.root / check_project(project) / POINTER

@@ -54,7 +54,7 @@ def models() -> None:
 
 def _redis_or_none():
     from backend.errors import RedisUnavailable
-    from backend.redisconn import redis_client
+    from backend.redis.connection import redis_client
 
     try:
         return redis_client()
@@ -74,7 +74,7 @@ def _projects(store, redis, project: str | None) -> list[str]:
         return [str(project)]
     names = set(store.projects())
     if redis is not None:
-        from backend.events import known_projects
+        from backend.queue.eventlog import known_projects
 
         names |= set(known_projects(redis))
     return sorted(names, key=lambda p: (len(p), p))
@@ -166,7 +166,8 @@ def models_status(project, as_json) -> None:
         if redis is not None:
             from rq.exceptions import NoSuchJobError
 
-            from backend.events import fetch_job, training_state
+            from backend.queue.contract import fetch_job
+            from backend.queue.debounce import training_state
 
             state = training_state(redis, name, settings)
             jobs = []
@@ -239,8 +240,8 @@ def models_rollback(project) -> None:
 @click.option("--in", "delay", type=float, default=None, help="Seconds from now (default: now).")
 def models_train(project, delay) -> None:
     """Queue a training job for a project now (like Label Studio's START_TRAINING)."""
-    from backend.events import request_training
-    from backend.redisconn import redis_client
+    from backend.queue.debounce import request_training
+    from backend.redis.connection import redis_client
 
     info = request_training(redis_client(), project, reason="semlabel models train", delay_s=delay)
     state = "joined the pending job" if info["coalesced"] else "queued"

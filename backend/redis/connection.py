@@ -30,8 +30,8 @@ from urllib.parse import urlparse
 
 import redis
 
-from .errors import RedisUnavailable
-from .settings import Settings, get_settings
+from ..errors import RedisUnavailable
+from ..settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 

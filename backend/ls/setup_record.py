@@ -18,8 +18,9 @@ import logging
 import os
 from pathlib import Path
 
-from .redisconn import write_private
-from .settings import Settings, get_settings
+from ..redis.connection import write_private
+from ..redis.keys import keys_for
+from ..settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,6 @@ def load_token(ref: str, settings: Settings | None = None) -> str | None:
         return None
 
 
-def setup_key(project: str, settings: Settings | None = None) -> str:
-    return f"{(settings or get_settings()).redis.key_prefix}:ls:{project}"
-
-
 def setup_record(url: str | None, token: str | None, settings: Settings | None = None) -> dict[str, str]:
     """The Redis hash of a ``/setup`` (the token saved locally, only its reference in it)."""
     return {"url": url or "", "token_ref": save_token(token, settings) if token else ""}
@@ -70,7 +67,7 @@ def read_setup(redis, project: str, settings: Settings | None = None) -> tuple[s
     """``(url, token)`` recorded for ``project`` (token ``None`` when this machine does not
     hold it), or ``None`` when nothing is recorded."""
     settings = settings or get_settings()
-    key = setup_key(project, settings)
+    key = keys_for(settings).setup(project)
     raw = {k.decode(): v.decode() for k, v in redis.hgetall(key).items()}
     if not raw:
         return None

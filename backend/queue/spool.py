@@ -12,14 +12,14 @@ spool instead and the webhook is answered ``202``:
 - bounded: ``redis.spool.max_entries`` rows and ``redis.spool.max_mb`` of JSON; a full spool
   refuses (:class:`SpoolFull`, the route answers 503);
 - a background thread replays the rows in order (``seq``) once Redis answers, each through
-  :func:`backend.events.record_webhook` — one Redis transaction — and deletes it. Events carry
+  :func:`~.eventlog.record_webhook` — one Redis transaction — and deletes it. Events carry
   their identity and the event log skips identities it holds, so a row replayed twice (a crash
   between the Redis write and the delete) is stored once;
 - every process of the machine shares the spool (sqlite locking) and one replays at a time
   (an ``flock``), so the order in Redis is the order of the spool.
 
 ``/setup`` records (Label Studio's address and a reference to its token, see
-:mod:`backend.lsrecord`) take the same path, so one made while Redis was down is written when
+:mod:`backend.ls.setup_record`) take the same path, so one made while Redis was down is written when
 it returns.
 """
 
@@ -35,16 +35,16 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import redis as _redis
 
-from .errors import SemlabelError
-from .events import ParsedWebhook, WebhookResult, parse_webhook, record_webhook
-from .redisconn import fast_client
-from .settings import Settings, get_settings
+from ..errors import SemlabelError
+from .eventlog import WebhookResult, record_webhook
+from .webhook import WebhookEvent
+from ..redis.connection import fast_client
+from ..settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -214,27 +214,26 @@ class EventRecorder:
             self._ensure_replayer()
 
     # -- writing -----------------------------------------------------------------------
-    def record(self, payload: Any, *, also: list | tuple = ()) -> WebhookResult:
-        """Validate and store one webhook payload (or a :class:`ParsedWebhook`): in Redis when
-        it answers in time and nothing waits in the spool, else in the spool (``spooled``).
-        Raises :class:`~backend.errors.InvalidWebhook` (nothing stored) and :class:`SpoolFull`."""
-        parsed = payload if isinstance(payload, ParsedWebhook) else parse_webhook(payload, self.settings)
-        if parsed.project is None:
-            return record_webhook(None, parsed, self.settings)
+    def record(self, event: WebhookEvent) -> WebhookResult:
+        """Store one parsed webhook (its events and review jobs): in Redis when it answers in
+        time and nothing waits in the spool, else in the spool (``spooled``). Raises
+        :class:`SpoolFull` (nothing stored)."""
+        if event.project is None:
+            return record_webhook(None, event, self.settings)
         fast, why = self._direct()
         if fast is not None:
             # One webhook is several round trips; the whole write has a deadline too. A write
             # that finishes after it is harmless: the spooled copy has the same identity.
-            future = self._writers.submit(record_webhook, fast, parsed, self.settings, also=also)
+            future = self._writers.submit(record_webhook, fast, event, self.settings)
             try:
                 return future.result(timeout=self.settings.redis.webhook_deadline_s)
             except FutureTimeout:
                 why = f"Redis did not answer within {self.settings.redis.webhook_deadline_s} s"
             except _redis.RedisError as exc:
                 why = f"Redis did not answer in {self.settings.redis.webhook_timeout_s} s ({type(exc).__name__})"
-        self._append("webhook", {"parsed": asdict(parsed), "also": [list(a) for a in also]}, why)
-        return WebhookResult(parsed.action, parsed.project, stored=len(parsed.events), spooled=True,
-                             reason=f"{len(parsed.events)} event(s) kept in the disk spool until Redis answers")
+        self._append("webhook", {"parsed": event.model_dump()}, why)
+        return WebhookResult(event.action, event.project, stored=len(event.events), spooled=True,
+                             reason=f"{len(event.events)} event(s) kept in the disk spool until Redis answers")
 
     def record_hash(self, key: str, mapping: dict[str, str]) -> bool:
         """``HSET key mapping`` now, or through the spool; True when it is in Redis already."""
@@ -316,8 +315,9 @@ class EventRecorder:
 
     def _apply(self, client, kind: str, body: dict) -> None:
         if kind == "webhook":
-            parsed = ParsedWebhook(**body["parsed"])
-            record_webhook(client, parsed, self.settings, also=[tuple(a) for a in body.get("also") or ()])
+            # "also": the review jobs of an entry an older version spooled.
+            record_webhook(client, WebhookEvent.model_validate(body["parsed"]), self.settings,
+                           also=[tuple(a) for a in body.get("also") or ()])
         elif kind == "hset":
             client.hset(body["key"], mapping=body["mapping"])
         else:
