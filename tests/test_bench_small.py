@@ -7,8 +7,8 @@ import json
 import pytest
 
 from backend.settings import Settings
-from worker.bench import insert_readme_table, run_bench
-from worker.data import examples_from_tasks, label_config_binding, read_export
+from worker.bench.bench import insert_readme_table, run_bench
+from worker.training.data import examples_from_tasks, label_config_binding, read_export
 
 
 @pytest.fixture(scope="module")

@@ -52,9 +52,9 @@ from backend.features import Features
 from backend.labels import Taxonomy
 from backend.settings import Settings, config_dir, get_settings
 
-from .data import examples_from_tasks, read_export
+from worker.training.data import examples_from_tasks, read_export
 from .fashion import OutfitStructure, build_mosaics, label_config_xml, label_studio_export, partial_labels, write_json
-from .metrics import (
+from worker.eval.metrics import (
     calibration,
     evaluate_scores,
     hide_positives,
@@ -62,7 +62,7 @@ from .metrics import (
     pr_curves,
     selection_metrics,
 )
-from .train import targets
+from worker.training.data import targets
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +174,9 @@ def run_bench(
     from backend.model.decision import preselect
     from backend.runtime import Runtime
 
-    from .baselines import train_linear_probe
-    from .report import gmc_attention, plot_label_graph, plot_pr_curves, plot_reliability
-    from .train import train_model
+    from worker.training.baselines import train_linear_probe
+    from worker.eval.report import gmc_attention, plot_label_graph, plot_pr_curves, plot_reliability
+    from worker.training.train import train_model
 
     t_start = time.perf_counter()
     base = settings or get_settings()
@@ -391,7 +391,7 @@ def unseen_labels_experiment(examples, feats, classes, unseen, test_feats, y_tes
     annotations are dropped (images left without a label too), the model is trained on the
     other labels' space, then scores the full label space. AP of the unseen labels against
     the zero-shot AP of the same labels (and the full model's, trained with them)."""
-    from .train import train_model
+    from worker.training.train import train_model
 
     held = set(unseen)
     idx = [classes.index(c) for c in unseen]
@@ -462,7 +462,7 @@ def _machine() -> dict:
 
 def time_full_training(train_set, space, settings, runtime, taxonomy, show_progress=None) -> dict:
     """Median wall time of training the full model on the first 1 000 annotated images."""
-    from .train import train_model
+    from worker.training.train import train_model
 
     examples, feats, _ = train_set
     n = min(1000, len(examples))
@@ -612,7 +612,7 @@ def render_markdown(payload: dict) -> dict:
             ("edit cost", "edit_cost"), ("× blank", "edit_cost_vs_blank"), ("ticked/task", "selected_per_task"),
             ("ECE", "ECE"), ("recall@1 hidden", "hidden_recall@1"), (f"recall@{k} hidden", f"hidden_recall@{k}"),
             ("mistake severity", "mistake_severity"), ("hier. dist@3", "hier_dist@3"), ("epochs", "epochs")]
-    from .report import metrics_table
+    from worker.eval.report import metrics_table
 
     for mode, res in payload["results"].items():
         rows = [{"name": n, **r} for n, r in res["rows"].items()]

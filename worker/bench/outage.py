@@ -104,7 +104,7 @@ def count_training_input(redis, project: int, n: int, post: Callable[[dict], tup
     """After the burst: START_TRAINING, then what that training job reads (its claim and its
     collect step, in this process). Counts annotations reaching it, lost and stored twice."""
     from backend.events import claim_pending, read_events
-    from worker.jobs import collect
+    from worker.jobs.collect import collect
 
     status, body = post({"action": "START_TRAINING", "project": {"id": project, "label_config": LABEL_CONFIG}})
     job_id = (body or {}).get("job") or ""

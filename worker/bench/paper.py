@@ -154,14 +154,14 @@ def run_paper(dataset: str, root, out_dir, method: str = "em", max_images: int |
     """Train and evaluate the protocol's methods; writes ``paper-<dataset>.json``."""
     import torch
 
-    from backend.features import Features
+    from backend.features import EncodedImages, Features
     from backend.labels import Label
+    from backend.model.serving import SigRLPredictor
     from backend.runtime import Runtime
-
-    from .baselines import train_linear_probe
-    from .data import Example, attach_features
-    from .metrics import evaluate_scores
-    from .train import train_model
+    from worker.eval.metrics import evaluate_scores
+    from worker.training.baselines import train_linear_probe
+    from worker.training.data import Example, attach_features
+    from worker.training.train import train_model
 
     data = READERS[dataset](root)
     out_dir = Path(out_dir)
@@ -195,13 +195,9 @@ def run_paper(dataset: str, root, out_dir, method: str = "em", max_images: int |
         "mAP": round(100 * evaluate_scores(probe.logits(Gt), y_test, names=space.names)["mAP"], 2),
         "train_seconds": round(time.perf_counter() - t0, 1)}
     result = train_model(examples, space, (G, L), settings, backbone=runtime.backbone, seed=seed, loss_cfg=loss_cfg)
-    module = result.model.module
-    from backend.model.sigrl import label_graph
-
-    graph = label_graph(result.model.stats, space.names, space.embeddings, module.cfg)
-    with torch.no_grad():
-        logits = torch.cat([module(Gt[s:s + 256], Lt[s:s + 256], space.embeddings, graph).logits
-                            for s in range(0, len(Gt), 256)])
+    # Scored the way the backend serves it (calibration aside: mAP is a ranking figure).
+    heads = SigRLPredictor(result.model).scores(EncodedImages.aligned_only(Gt, Lt), space)
+    logits = heads.visual_logits
     results["methods"][f"SigRL ({method})"] = {
         "mAP": round(100 * evaluate_scores(logits, y_test, names=space.names)["mAP"], 2),
         "train_seconds": result.summary["train_seconds"]}

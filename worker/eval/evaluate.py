@@ -20,7 +20,7 @@ from backend.errors import ConfigError
 from backend.labels import LabelSpace
 
 from .metrics import calibration, evaluate_scores, hidden_recall_at_k, hide_positives, selection_metrics
-from .train import targets
+from worker.training.data import targets
 
 log = logging.getLogger(__name__)
 

@@ -138,7 +138,7 @@ def metrics_table(rows: list[dict], columns: Sequence[tuple[str, str]]) -> str:
 def eval_report(out_dir, predictor, features, examples, space, payload: dict) -> Path:
     """``semlabel eval --report``: report.md, pr_curves.png, label_graph.png, eval.json."""
     from .metrics import pr_curves
-    from .train import targets
+    from worker.training.data import targets
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -71,6 +71,20 @@ def label_config_binding(xml: str):
     return next((b for b in config.bindings if b.multiple), config.bindings[0])
 
 
+def targets(label_sets: Sequence[Sequence[str]], names: Sequence[str]):
+    """``[N, C]`` 0/1 float tensor: ``y[b, c] = 1`` when ``names[c]`` is in ``label_sets[b]``
+    (names outside ``names`` are ignored)."""
+    import torch
+
+    index = {n: i for i, n in enumerate(names)}
+    y = torch.zeros(len(label_sets), len(names))
+    for b, labels in enumerate(label_sets):
+        for name in labels:
+            if name in index:
+                y[b, index[name]] = 1.0
+    return y
+
+
 def read_export(path: str | os.PathLike) -> list[dict]:
     try:
         with open(path, encoding="utf-8") as fh:

@@ -1,9 +1,9 @@
 """Training the SigRL heads on cached features, from partial labels.
 
-The worker's API (``/work``-independent summary in the README's model section)::
+The worker's API (summary in the README's model section)::
 
-    from worker.data import examples_from_tasks, attach_features
-    from worker.train import train_model
+    from worker.training.data import examples_from_tasks, attach_feature_batch
+    from worker.training.train import train_model
     from backend.model import save_model
 
     examples, report = examples_from_tasks(tasks, labels)
@@ -13,8 +13,7 @@ The worker's API (``/work``-independent summary in the README's model section)::
     save_model(result.model, out_dir, metrics=result.metrics)
 
 Training never re-encodes images: it takes feature tensors (an
-:class:`~backend.features.EncodedImages`, or a FeatureStore and examples whose ``key`` is
-set). AdamW, fixed seeds, CUDA when available (``train.device``), deterministic on the CPU
+:class:`~backend.features.EncodedImages`). The loop is :func:`worker.training.fit.fit`: AdamW, fixed seeds, CUDA when available (``train.device``), deterministic on the CPU
 for a fixed seed. After the epochs, on the held-out split (:func:`split_indices`):
 
 1. **model selection** (early stopping) by the mean per-label ROC-AUC of the *observed*
@@ -35,20 +34,19 @@ labels of that image.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from backend.backbones import resolve_device
 from backend.errors import ConfigError
-from backend.features import EncodedImages, FeatureStore
+from backend.features import EncodedImages
 from backend.labels import LabelSpace
+from backend.model.batched import in_batches
 from backend.model.calibration import fit_calibration, fit_options
 from backend.model.checkpoint import TrainedModel
 from backend.model.config import CalibrationSettings, LossSettings, ModelSettings, TrainSettings
@@ -57,13 +55,11 @@ from backend.model.sigrl import SigRL, label_graph
 from backend.model.zeroshot import similarity as zero_shot_similarity
 from backend.settings import Settings, get_settings
 
-from .data import Example
+from .data import Example, targets
+from .fit import Progress, fit, observed_auc, predict_logits, sample_known, split_indices
 from .losses import PartialLabelLoss, label_similarity
-from .metrics import mean_average_precision
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[dict], Any]
 
 
 @dataclass
@@ -75,70 +71,12 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------- helpers
-def targets(label_sets: Sequence[Sequence[str]], names: Sequence[str]) -> torch.Tensor:
-    index = {n: i for i, n in enumerate(names)}
-    y = torch.zeros(len(label_sets), len(names))
-    for b, labels in enumerate(label_sets):
-        for name in labels:
-            if name in index:
-                y[b, index[name]] = 1.0
-    return y
-
-
-def split_indices(n: int, val_fraction: float, seed: int, min_val: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, validation) indices: a seeded permutation; no validation below 10 examples,
-    and at least ``min_val`` validation images once there are ``2·min_val`` examples."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = int(round(n * val_fraction)) if n >= 10 else 0
-    if n_val and n >= 2 * min_val:
-        n_val = max(n_val, min_val)
-    return perm[n_val:].sort().values, perm[:n_val].sort().values
-
-
-def observed_auc(scores: torch.Tensor, observed: torch.Tensor) -> float:
-    """Mean over labels of the ROC-AUC of observed positives against every other image.
-
-    Why this criterion: under SCAR (a present label is chosen with a fixed probability
-    ``c``), the unchosen images of a label are a mixture of its negatives and a share ``π'``
-    of its positives, and the AUC against them is ``AUC_PU = (1 − π')·AUC + π'/2`` (Menon et
-    al. 2015) — an increasing affine function of the true AUC. Ranking models by it ranks
-    them by true AUC; the mAP of partial labels has no such property (it falls when a model
-    ranks an unchosen true label high). Labels without an observed positive (or without
-    an unchosen image) are skipped; NaN when none is left."""
-    from sklearn.metrics import roc_auc_score
-
-    z = scores.detach().float().cpu().numpy()
-    y = observed.detach().cpu().numpy() > 0
-    aucs = [roc_auc_score(y[:, c], z[:, c]) for c in range(y.shape[1]) if 0 < y[:, c].sum() < y.shape[0]]
-    return float(sum(aucs) / len(aucs)) if aucs else math.nan
-
-
-def sample_known(y: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:
-    """``[B, C]`` known mask: for a ``rate`` share of rows with ≥ 2 positives, a random
-    subset of 1 .. n−1 of the positives."""
-    n_pos = y.sum(1)
-    eligible = (n_pos >= 2) & (torch.rand(y.shape[0], generator=generator) < rate)
-    if not eligible.any():
-        return torch.zeros_like(y)
-    size = (torch.rand(y.shape[0], generator=generator) * (n_pos - 1)).floor() + 1  # 1 .. n−1
-    noise = torch.rand(y.shape, generator=generator)
-    noise = torch.where(y > 0, noise, torch.full_like(noise, 2.0))
-    rank = noise.argsort(1).argsort(1).float()  # rank of each positive among the positives
-    known = (rank < size[:, None]) & (y > 0) & eligible[:, None]
-    return known.float()
-
-
 def feature_tensors(examples: Sequence[Example], features) -> EncodedImages:
     """Every feature of the examples' images as one :class:`EncodedImages`, from an
-    EncodedImages, a FeatureStore (examples with ``key``), a list of Features, or a tuple
-    ``(global, local)`` of aligned features only (then the native features are the aligned
-    ones, as for a backbone whose native space is aligned)."""
-    if isinstance(features, FeatureStore):
-        keys = [e.key for e in examples]
-        if any(k is None for k in keys):
-            raise ConfigError("examples need feature keys (worker.data.attach_features) to use a FeatureStore")
-        batch = features.load_many(keys)
-    elif isinstance(features, EncodedImages):
+    EncodedImages, a list of Features, or a tuple ``(global, local)`` of aligned features
+    only (then the native features are the aligned ones, as for a backbone whose native
+    space is aligned)."""
+    if isinstance(features, EncodedImages):
         batch = features
     elif isinstance(features, (tuple, list)) and len(features) == 2 and isinstance(features[0], torch.Tensor):
         log.warning("training on text-aligned features only: no native features were given")
@@ -169,149 +107,6 @@ def backbone_info(backbone) -> dict:
     return info
 
 
-@dataclass
-class FitOutcome:
-    best_state: dict
-    history: list[dict]
-    best_epoch: int
-    best_val_score: float
-    epochs_run: int
-    seconds: float
-    known_samples: int = 0  # training images that were given known labels, over all steps
-
-
-def fit(
-    module: torch.nn.Module,
-    forward: Callable,
-    features: EncodedImages,
-    Y: torch.Tensor,
-    train_idx: torch.Tensor,
-    val_idx: torch.Tensor,
-    loss_fn: PartialLabelLoss,
-    tcfg: TrainSettings,
-    *,
-    seed: int,
-    device: torch.device,
-    zero_shot: torch.Tensor | None = None,
-    known_rate: float = 0.0,
-    recon_weight: float = 0.0,
-    conditional_loss: PartialLabelLoss | None = None,
-    progress: Progress | None = None,
-    desc: str = "train",
-    show_progress: bool | None = None,
-) -> FitOutcome:
-    """The training loop shared by the SigRL heads and the baselines.
-
-    ``forward(batch, known, targets) -> (logits, reconstruction_loss, visual_logits,
-    cooc_logits)``; all but the first may be None (``targets``: the batch's annotated
-    labels, for leave-one-out co-occurrence counts). With known labels the loss is the loss
-    of the visual logits on every label plus ``conditional_loss`` (default: the same loss)
-    of the co-occurrence expert on the labels that were not given, for the images that had
-    known labels: conditioning never takes supervision away from the visual model, and the
-    expert learns from the known labels alone.
-
-    The kept state is the epoch with the best :func:`observed_auc` on ``val_idx`` (the
-    last epoch without a validation split)."""
-    t0 = time.perf_counter()
-    generator = torch.Generator().manual_seed(seed + 1)
-    on_device = features.nbytes() < 2**31
-    if on_device:
-        features = features.to(device)
-    zs_dev = zero_shot.to(device) if zero_shot is not None else None
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    loss_fn.to(device)
-    best_state = copy.deepcopy(module.state_dict())
-    ema = copy.deepcopy(best_state) if tcfg.ema_decay > 0 else None
-    best_score, best_epoch, stale = -math.inf, 0, 0
-    known_samples = 0
-    history: list[dict] = []
-    n_train = len(train_idx)
-    steps = max(1, math.ceil(n_train / tcfg.batch_size))
-    bar = tqdm(range(1, tcfg.epochs + 1), desc=desc, unit="epoch", leave=False,
-               disable=(not show_progress) if show_progress is not None else None)
-    epoch = 0
-    feat_device = features.global_.device
-    for epoch in bar:
-        module.train()
-        order = train_idx[torch.randperm(n_train, generator=generator)]
-        total = 0.0
-        for step in range(steps):
-            idx = order[step * tcfg.batch_size : (step + 1) * tcfg.batch_size]
-            y = Y[idx]
-            known = sample_known(y, known_rate, generator) if known_rate > 0 else None
-            batch = features[idx.to(feat_device)].to(device)
-            y = y.to(device)
-            known_dev = known.to(device) if known is not None and known.any() else None
-            logits, recon, visual, cooc = (tuple(forward(batch, known_dev, y)) + (None,) * 4)[:4]
-            zs = zs_dev[idx.to(zs_dev.device)] if zs_dev is not None else None
-            if known_dev is not None and cooc is not None:
-                rows = (known_dev.sum(1, keepdim=True) > 0).float()
-                known_samples += int(rows.sum())
-                loss = loss_fn(visual, y, None, zs) + (conditional_loss or loss_fn)(
-                    cooc, y, (1.0 - known_dev) * rows, zs)
-            else:
-                loss = loss_fn(logits, y, None, zs)
-            if recon_weight > 0 and recon is not None:
-                loss = loss + recon_weight * recon
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if ema is not None:
-                with torch.no_grad():
-                    for key, value in module.state_dict().items():
-                        if value.is_floating_point():
-                            ema[key].mul_(tcfg.ema_decay).add_(value, alpha=1.0 - tcfg.ema_decay)
-            total += float(loss.detach())
-        record = {"stage": "train", "epoch": epoch, "epochs": tcfg.epochs, "loss": round(total / steps, 5)}
-        current = None
-        if ema is not None:  # evaluate (and keep) the averaged weights
-            current = copy.deepcopy(module.state_dict())
-            module.load_state_dict(ema)
-        if len(val_idx) > 0:
-            val_logits = predict_logits(module, forward, features, val_idx, device, tcfg.batch_size * 4)
-            score = observed_auc(val_logits, Y[val_idx])
-            record["val_auc"] = round(score, 5) if not math.isnan(score) else None
-            if not math.isnan(score) and score > best_score + 1e-6:
-                best_score, best_epoch, stale = score, epoch, 0
-                best_state = copy.deepcopy(module.state_dict())
-            else:
-                stale += 1
-        else:
-            best_state, best_epoch = copy.deepcopy(module.state_dict()), epoch
-        if current is not None:
-            module.load_state_dict(current)
-        record["seconds"] = round(time.perf_counter() - t0, 3)
-        history.append(record)
-        bar.set_postfix(loss=record["loss"], val_auc=record.get("val_auc"))
-        if progress is not None:
-            progress(dict(record))
-        if len(val_idx) > 0 and stale >= tcfg.patience:
-            break
-    bar.close()
-    module.load_state_dict(best_state)
-    module.eval()
-    return FitOutcome(best_state, history, best_epoch, best_score, epoch, time.perf_counter() - t0, known_samples)
-
-
-@torch.no_grad()
-def predict_logits(module, forward, features: EncodedImages, idx, device, batch_size: int = 256,
-                   known=None, which: int = 0) -> torch.Tensor:
-    """``forward(...)[which]`` (default: the logits) of the images ``idx``, on the CPU."""
-    was_training = module.training
-    module.eval()
-    out = []
-    feat_device = features.global_.device
-    for start in range(0, len(idx), batch_size):
-        part = idx[start : start + batch_size]
-        batch = features[part.to(feat_device)].to(device)
-        k = known[start : start + batch_size].to(device) if known is not None else None
-        logits = forward(batch, k)[which]
-        out.append(logits.float().cpu())
-    module.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0)
-
-
 def calibrate_init(module: SigRL, features: EncodedImages, H, global_weight: float, top_k: int,
                    density: float) -> None:
     """Shift the fresh model's logits (bias, in logit units) so that a ``density`` share of
@@ -319,11 +114,9 @@ def calibrate_init(module: SigRL, features: EncodedImages, H, global_weight: flo
     ranking is still exactly the zero-shot model's (and the shifted model is the zero-shot
     model the heads may later be shrunk towards)."""
     with torch.no_grad():
-        sims = []
-        for start in range(0, len(features), 256):
-            part = features[start : start + 256]
-            sims.append(zero_shot_similarity(part.global_, part.local, H, global_weight, top_k))
-        z = module.log_scale.exp() * (torch.cat(sims).flatten().float() - module.centre)
+        sims = in_batches(lambda part, _: zero_shot_similarity(part.global_, part.local, H, global_weight, top_k),
+                          features, 256)
+        z = module.log_scale.exp() * (sims.flatten() - module.centre)
         q = min(max(1.0 - density, 0.05), 0.95)
         module.bias.fill_(-float(torch.quantile(z[: 2_000_000], q)))
         module.set_zero_shot_offset()
@@ -399,21 +192,16 @@ def train_model(
 ) -> TrainResult:
     """Train SigRL heads on partial-label ``examples`` over the labels of ``space``.
 
-    ``features``: ``(global [N, D], local [N, P, D])`` aligned with ``examples``, a list of
-    :class:`~backend.features.Features`, or a FeatureStore (examples with ``key``).
+    ``features``: ``(global [N, D], local [N, P, D])`` aligned with ``examples``, an
+    :class:`~backend.features.EncodedImages` or a list of :class:`~backend.features.Features`.
     ``backbone``: the Backbone that made the features (or a dict with ``name``,
-    ``fingerprint``, ``zero_shot_scale``, ``zero_shot_bias``); taken from the FeatureStore
-    when one is given. ``progress`` receives one dict per epoch:
-    ``{"stage": "train", "epoch", "epochs", "loss", "val_auc", "seconds"}`` (``val_auc``: the
-    model-selection criterion, :func:`observed_auc`), then ``{"stage": "trained", ...}``."""
+    ``fingerprint``, ``zero_shot_scale``, ``zero_shot_bias``). ``progress`` receives one dict
+    per epoch: ``{"stage": "train", "epoch", "epochs", "loss", "val_auc", "seconds"}``
+    (``val_auc``: the model-selection criterion, :func:`observed_auc`), then
+    ``{"stage": "trained", ...}``."""
     settings = settings or get_settings()
-    mcfg = model_cfg or settings.model
-    lcfg = loss_cfg or settings.loss
-    tcfg = train_cfg or settings.train
-    ccfg = settings.calibration
+    mcfg, lcfg, tcfg = model_cfg or settings.model, loss_cfg or settings.loss, train_cfg or settings.train
     seed = tcfg.seed if seed is None else int(seed)
-    if backbone is None and isinstance(features, FeatureStore):
-        backbone = features.backbone
     if backbone is None:
         raise ConfigError("train_model needs the backbone (or its description) that made the features")
     info = backbone_info(backbone)
@@ -431,44 +219,16 @@ def train_model(
     Y = targets([e.positives for e in examples], names)
     train_idx, val_idx = split_indices(len(examples), tcfg.val_fraction, seed, tcfg.min_val_images)
     stats_train = CooccurrenceStats.from_label_sets([examples[i].positives for i in train_idx.tolist()])
-
-    torch.manual_seed(seed)
-    native_dim = int(feats.native_global.shape[1])
-    module = SigRL(feats.global_.shape[1], mcfg, info["zero_shot_scale"], info["zero_shot_bias"], native_dim)
-    zs_cfg = settings.zero_shot
-    module.fit_feature_stats(feats[train_idx])
-    H = space.embeddings.float()
-    density = float(Y[train_idx].sum(1).mean() / max(1, len(names)))
-    calibrate_init(module, feats[train_idx], H, mcfg.global_weight, mcfg.local_top_k, density)
-    module.to(device)
-    H_dev = H.to(device)
-    graph = label_graph(stats_train, names, H, mcfg).to(device)
-
-    zero_shot = None
-    if lcfg.kind == "em_pl":
-        from backend.model.zeroshot import zero_shot_probs
-
-        zero_shot = torch.cat([
-            zero_shot_probs(part.global_, part.local, H, global_weight=zs_cfg.global_weight,
-                            top_k=zs_cfg.local_top_k, scale=info["zero_shot_scale"], bias=info["zero_shot_bias"])
-            for part in (feats[s : s + 256] for s in range(0, len(feats), 256))
-        ])
-    loss_fn = PartialLabelLoss(lcfg, label_similarity(lcfg, names, H, taxonomy))
-    conditional_loss = PartialLabelLoss(
-        lcfg.model_copy(update={"kind": lcfg.conditional_kind, "semantic": False, "ranking_weight": 0.0}))
-
-    def forward(batch, known, targets=None):
-        out = module(batch, H_dev, graph, known, targets=targets, train_known=module.training)
-        if module.training:  # the loss trains the heads at their own scale
-            return out.head_logits, out.reconstruction_loss, out.head_visual, out.cooc_logits
-        return out.logits, out.reconstruction_loss, out.visual_logits, out.cooc_logits
-
+    module, graph, H = build_heads(feats, Y, train_idx, space, stats_train, mcfg, info, seed, device)
+    forward = heads_forward(module, H.to(device), graph)
     outcome = fit(
-        module, forward, feats, Y, train_idx, val_idx, loss_fn, tcfg,
-        seed=seed, device=device, zero_shot=zero_shot,
+        module, forward, feats, Y, train_idx, val_idx, PartialLabelLoss(lcfg, label_similarity(lcfg, names, H, taxonomy)),
+        tcfg, seed=seed, device=device,
+        zero_shot=zero_shot_targets(feats, H, settings.zero_shot, info) if lcfg.kind == "em_pl" else None,
         known_rate=tcfg.known_rate if mcfg.use_known else 0.0,
         recon_weight=lcfg.reconstruction_weight if mcfg.use_svfr else 0.0,
-        conditional_loss=conditional_loss,
+        conditional_loss=PartialLabelLoss(
+            lcfg.model_copy(update={"kind": lcfg.conditional_kind, "semantic": False, "ranking_weight": 0.0})),
         progress=progress, desc="train SigRL", show_progress=show_progress,
     )
     # The known-label expert is used only when training gave it enough to learn from
@@ -477,48 +237,27 @@ def train_model(
     module.known_active.fill_(1.0 if known_active else 0.0)
     heads_weight, shrink_scores = choose_heads_weight(module, forward, feats, H, Y, val_idx, tcfg.shrink_weights,
                                                       device)
-    # Calibration on the held-out split; without one (tiny projects), a shared map only,
-    # fitted on the training images (the per-label maps would fit their own noise).
-    calib_idx = val_idx if len(val_idx) > 0 else train_idx
-    calibration = fit_model_calibration(module, forward, feats, Y, calib_idx, names,
-                                        ccfg if len(val_idx) > 0 else ccfg.model_copy(update={"shrinkage": 1e6, "rate_shrinkage": 1e6}),
-                                        device, seed)
+    calibration = calibrate(module, forward, feats, Y, train_idx, val_idx, names, settings.calibration, device, seed)
     module.cpu()
-    stats_all = CooccurrenceStats.from_label_sets([e.positives for e in examples])
     metrics = held_out_metrics(module, graph.to("cpu"), H, feats, Y, val_idx, names)
     metrics["observed_auc"] = outcome.best_val_score if len(val_idx) else None
     summary = {
-        "images": len(examples),
-        "train_images": int(len(train_idx)),
-        "val_images": int(len(val_idx)),
-        "labels": len(names),
-        "labels_with_examples": int((Y.sum(0) > 0).sum()),
-        "positives": int(Y.sum()),
-        "epochs_run": outcome.epochs_run,
-        "best_epoch": outcome.best_epoch,
-        "selection": "held-out ROC-AUC of observed labels",
-        "known_samples": outcome.known_samples,
-        "known_expert": bool(known_active),
-        "heads_weight": heads_weight,
+        "images": len(examples), "train_images": int(len(train_idx)), "val_images": int(len(val_idx)),
+        "labels": len(names), "labels_with_examples": int((Y.sum(0) > 0).sum()), "positives": int(Y.sum()),
+        "epochs_run": outcome.epochs_run, "best_epoch": outcome.best_epoch,
+        "selection": "held-out ROC-AUC of observed labels", "known_samples": outcome.known_samples,
+        "known_expert": bool(known_active), "heads_weight": heads_weight,
         "shrink_scores": {str(k): (round(v, 5) if not math.isnan(v) else None) for k, v in shrink_scores.items()},
         "observation_rate": round(calibration["visual"].shared_rate, 4),
-        "train_seconds": round(outcome.seconds, 3),
-        "total_seconds": round(time.perf_counter() - t_start, 3),
-        "device": str(device),
-        "seed": seed,
+        "train_seconds": round(outcome.seconds, 3), "total_seconds": round(time.perf_counter() - t_start, 3),
+        "device": str(device), "seed": seed,
     }
     model = TrainedModel(
-        module=module,
-        labels=list(names),
-        stats=stats_all,
+        module=module, labels=list(names), stats=CooccurrenceStats.from_label_sets([e.positives for e in examples]),
         backbone={k: info[k] for k in ("name", "fingerprint") if k in info}
-        | {"dim": int(feats.global_.shape[1]), "native_dim": native_dim},
-        loss=lcfg.model_dump(),
-        train=tcfg.model_dump(),
-        seed=seed,
-        summary=summary,
-        taxonomy=dict(taxonomy.parent) if taxonomy is not None else None,
-        calibration=calibration,
+        | {"dim": int(feats.global_.shape[1]), "native_dim": int(feats.native_global.shape[1])},
+        loss=lcfg.model_dump(), train=tcfg.model_dump(), seed=seed, summary=summary,
+        taxonomy=dict(taxonomy.parent) if taxonomy is not None else None, calibration=calibration,
     )
     if progress:
         progress({"stage": "trained", **{k: summary[k] for k in ("epochs_run", "best_epoch", "train_seconds")},
@@ -526,9 +265,60 @@ def train_model(
     return TrainResult(model, metrics, summary, outcome.history)
 
 
+def build_heads(feats: EncodedImages, Y, train_idx, space: LabelSpace, stats, mcfg: ModelSettings, info: dict,
+                seed: int, device) -> tuple[SigRL, object, torch.Tensor]:
+    """(fresh SigRL on ``device`` — feature statistics from the training images, logits
+    shifted to the label density —, its label graph on ``device``, the text embeddings
+    ``H [C, D]`` on the CPU)."""
+    torch.manual_seed(seed)
+    native_dim = int(feats.native_global.shape[1])
+    module = SigRL(feats.global_.shape[1], mcfg, info["zero_shot_scale"], info["zero_shot_bias"], native_dim)
+    module.fit_feature_stats(feats[train_idx])
+    H = space.embeddings.float()
+    density = float(Y[train_idx].sum(1).mean() / max(1, len(space.names)))
+    calibrate_init(module, feats[train_idx], H, mcfg.global_weight, mcfg.local_top_k, density)
+    module.to(device)
+    return module, label_graph(stats, space.names, H, mcfg).to(device), H
+
+
+def heads_forward(module: SigRL, H, graph) -> Callable:
+    """:func:`~worker.training.fit.fit`'s ``forward`` for the SigRL heads: while training,
+    the logits at the heads' own scale (what the loss trains), else the output logits."""
+
+    def forward(batch, known, targets=None):
+        out = module(batch, H, graph, known, targets=targets, train_known=module.training)
+        if module.training:
+            return out.head_logits, out.reconstruction_loss, out.head_visual, out.cooc_logits
+        return out.logits, out.reconstruction_loss, out.visual_logits, out.cooc_logits
+
+    return forward
+
+
+def zero_shot_targets(feats: EncodedImages, H, zs_cfg, info: dict) -> torch.Tensor:
+    """``[N, C]`` zero-shot probabilities of the training images (the ``em_pl`` loss's
+    pseudo-labels)."""
+    from backend.model.zeroshot import zero_shot_probs
+
+    return in_batches(
+        lambda part, _: zero_shot_probs(part.global_, part.local, H, global_weight=zs_cfg.global_weight,
+                                        top_k=zs_cfg.local_top_k, scale=info["zero_shot_scale"],
+                                        bias=info["zero_shot_bias"]),
+        feats, 256)
+
+
+def calibrate(module, forward, feats, Y, train_idx, val_idx, names, ccfg: CalibrationSettings, device,
+              seed: int) -> dict:
+    """:func:`fit_model_calibration` on the held-out split; without one (tiny projects), a
+    shared map only, fitted on the training images (per-label maps would fit their own noise)."""
+    if len(val_idx) > 0:
+        return fit_model_calibration(module, forward, feats, Y, val_idx, names, ccfg, device, seed)
+    shared_only = ccfg.model_copy(update={"shrinkage": 1e6, "rate_shrinkage": 1e6})
+    return fit_model_calibration(module, forward, feats, Y, train_idx, names, shared_only, device, seed)
+
+
 def held_out_metrics(module, graph, H, feats: EncodedImages, Y, val_idx, names) -> dict:
     """Metrics on the validation split of the partial labels (what model selection saw)."""
-    from .metrics import evaluate_scores
+    from worker.eval.metrics import evaluate_scores
 
     if len(val_idx) == 0:
         return {"split": "none (fewer than 10 examples)", "images": 0}
