@@ -130,14 +130,13 @@ def _redis_status(settings) -> dict:
 @click.option("--labels", required=True, help="Comma-separated label names, e.g. cat,dog,car.")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
               help="A trained model directory (default: zero-shot scores).")
-@click.option("--json", "as_json", is_flag=True, default=True, help="JSON output (default).")
 @click.option("--table", "as_table", is_flag=True, help="A readable table instead of JSON.")
 @click.option("--backbone", type=click.Choice(["auto", "open_clip", "packaged"]), default=None,
               help="Override backbone.kind.")
 @click.argument("images", nargs=-1, required=True)
-def predict(labels: str, model_dir: Path | None, as_json: bool, as_table: bool, backbone: str | None,
+def predict(labels: str, model_dir: Path | None, as_table: bool, backbone: str | None,
             images: tuple[str, ...]) -> None:
-    """Score every label for every IMAGE (path or URL)."""
+    """Score every label for every IMAGE (path or URL); JSON unless --table."""
     from backend.runtime import Runtime
 
     names = [n.strip() for n in labels.split(",") if n.strip()]

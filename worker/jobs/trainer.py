@@ -71,25 +71,22 @@ def _binding(label_config: str):
 
 
 def _evaluate(predictor, feats, examples, space) -> dict:
-    from worker.eval.metrics import evaluate_scores
+    """Held-out figures of a predictor's probabilities (ranking only; no per-label APs)."""
+    import torch
+
+    from worker.eval.evaluate import evaluate_outputs
     from worker.training.data import targets
 
-    with torch_no_grad():
+    with torch.no_grad():
         scores = predictor.probabilities(feats, space)
     y = targets([e.positives for e in examples], space.names)
-    out = evaluate_scores(scores, y, names=space.names, ks=(1, 3))
+    out = evaluate_outputs(scores, y, space.names, ks=(1, 3))
     out.pop("AP_per_label", None)
     return out
 
 
-def torch_no_grad():
-    import torch
-
-    return torch.no_grad()
-
-
 def train_heads(ctx: TrainingContext) -> TrainingResult:
-    """The default trainer: the SigRL heads (worker.train.train_model) on cached features,
+    """The default trainer: the SigRL heads (worker.training.train.train_model) on cached features,
     evaluated on the held-out tasks together with the current version."""
     from backend.errors import ConfigError, ModelLoadError
     from backend.model import load_predictor, save_model

@@ -318,7 +318,7 @@ def calibrate(module, forward, feats, Y, train_idx, val_idx, names, ccfg: Calibr
 
 def held_out_metrics(module, graph, H, feats: EncodedImages, Y, val_idx, names) -> dict:
     """Metrics on the validation split of the partial labels (what model selection saw)."""
-    from worker.eval.metrics import evaluate_scores
+    from worker.eval.evaluate import evaluate_outputs
 
     if len(val_idx) == 0:
         return {"split": "none (fewer than 10 examples)", "images": 0}
@@ -327,6 +327,6 @@ def held_out_metrics(module, graph, H, feats: EncodedImages, Y, val_idx, names) 
         return module(batch, H, graph, known).logits, None, None
 
     logits = predict_logits(module, forward, feats, val_idx, torch.device("cpu"))
-    out = evaluate_scores(logits, Y[val_idx], names=names, ks=(1, 3, 5))
+    out = evaluate_outputs(logits, Y[val_idx], names, ks=(1, 3, 5))
     out.pop("AP_per_label", None)
     return {"mAP": out.pop("mAP"), **out, "split": "held-out partial labels"}
