@@ -10,8 +10,9 @@ A Label Studio JSON export is a list of tasks::
 
 Rules (:func:`examples_from_tasks`):
 
-- only ``choices`` results count (of the given ``from_name`` when one is set); a task's
-  *predictions* are never labels;
+- only ``choices`` results count (of the given ``from_name`` when one is set), read by the
+  backend's one result parser (``backend.ls.config.ProjectConfig.chosen``, see
+  :func:`results_config`); a task's *predictions* are never labels;
 - cancelled annotations (``was_cancelled``) and annotations without any choice are ignored;
 - several annotations of one task: ``policy="union"`` (default) takes the union of their
   choices — every annotator's positive is a positive; ``policy="latest"`` takes the
@@ -100,16 +101,48 @@ def read_export(path: str | os.PathLike) -> list[dict]:
     return data
 
 
-def annotation_choices(annotation: dict, from_name: str | None = None) -> list[str]:
+def _choices_results(tasks: Iterable[dict]):
+    """Every ``choices`` result of the tasks' annotations (predictions never count)."""
+    for task in tasks:
+        for annotation in task.get("annotations") or []:
+            if isinstance(annotation, dict):
+                for item in annotation.get("result") or []:
+                    if isinstance(item, dict) and item.get("type", "choices") == "choices":
+                        yield item
+
+
+def results_config(tasks: Sequence[dict], labels: Sequence[str] | None = None, from_name: str | None = None):
+    """The :class:`~backend.ls.config.ProjectConfig` the annotations are read with, so that
+    :meth:`ProjectConfig.chosen` — the backend's one result parser — reads them: one
+    multiple-choice binding of ``labels`` (default: every choice the tasks name) per
+    control (``from_name``) and object (``to_name``) their choices results name; only the
+    control ``from_name`` when given (results that name no control count for it)."""
+    from backend.labels import Label
+    from backend.ls.config import Binding, ProjectConfig
+
+    pairs: dict[tuple[str, str], None] = {}
+    names: dict[str, None] = dict.fromkeys(labels or ())
+    for item in _choices_results(tasks):
+        control = str(item.get("from_name", ""))
+        if from_name and control not in ("", from_name):
+            continue
+        pairs[(control, str(item.get("to_name") or ""))] = None
+        if labels is None:
+            value = item.get("value") if isinstance(item.get("value"), dict) else {}
+            names.update(dict.fromkeys(c for c in value.get("choices") or [] if isinstance(c, str) and c.strip()))
+    label_tuple = tuple(Label(n) for n in names)
+    bindings = tuple(Binding(control, obj, None, None, True, label_tuple) for control, obj in pairs)
+    return ProjectConfig("", bindings)
+
+
+def annotation_choices(config, annotation: dict) -> list[str]:
+    """The choices of one annotation as ``config`` reads them: its labels first, then the
+    values that are not labels of the config (callers count and drop those)."""
+    chosen, unknown = config.chosen(annotation.get("result"))
     out: list[str] = []
-    for item in annotation.get("result") or []:
-        if not isinstance(item, dict) or item.get("type", "choices") != "choices":
-            continue
-        if from_name and item.get("from_name") not in (None, from_name):
-            continue
-        for choice in (item.get("value") or {}).get("choices") or []:
-            if isinstance(choice, str) and choice not in out:
-                out.append(choice)
+    for names in chosen.values():
+        out.extend(n for n in names if n not in out)
+    out.extend(u.split(":", 1)[1] for u in unknown if u.split(":", 1)[1] not in out)
     return out
 
 
@@ -120,8 +153,9 @@ def _annotation_time(annotation: dict) -> tuple:
     )
 
 
-def task_positives(task: dict, from_name: str | None = None, policy: str = "union") -> tuple[list[str], int]:
-    """(chosen labels, number of cancelled annotations) of one task."""
+def task_positives(task: dict, config, policy: str = "union") -> tuple[list[str], int]:
+    """(chosen labels, number of cancelled annotations) of one task, its annotations read
+    with ``config`` (:func:`results_config`)."""
     cancelled = 0
     usable = []
     for annotation in task.get("annotations") or []:
@@ -130,7 +164,7 @@ def task_positives(task: dict, from_name: str | None = None, policy: str = "unio
         if annotation.get("was_cancelled"):
             cancelled += 1
             continue
-        choices = annotation_choices(annotation, from_name)
+        choices = annotation_choices(config, annotation)
         if choices:
             usable.append((annotation, choices))
     if not usable:
@@ -166,7 +200,9 @@ def examples_from_tasks(
     images_root: str | os.PathLike | None = None,
 ) -> tuple[list[Example], ExportReport]:
     """Partial-label examples of an export (rules in the module docstring)."""
+    tasks = list(tasks)
     allowed = set(labels) if labels is not None else None
+    config = results_config(tasks, labels, from_name)
     report = ExportReport()
     out = []
     for task in tasks:
@@ -175,7 +211,7 @@ def examples_from_tasks(
         if not image:
             report.skipped_no_image += 1
             continue
-        positives, cancelled = task_positives(task, from_name, policy)
+        positives, cancelled = task_positives(task, config, policy)
         report.cancelled_annotations += cancelled
         if allowed is not None:
             for name in positives:
