@@ -7,7 +7,8 @@ import json
 import pytest
 
 from backend.settings import Settings
-from worker.bench.bench import insert_readme_table, run_bench
+from worker.bench.bench import run_bench
+from worker.bench.summary import insert_readme_table
 from worker.training.data import examples_from_tasks, label_config_binding, read_export
 
 
