@@ -43,11 +43,10 @@ from typing import Sequence
 
 import numpy as np
 
-from backend.errors import ImageError
 from backend.labels import Taxonomy
 from backend.settings import Settings, config_dir, get_settings
 from worker.eval.metrics import hide_positives
-from worker.training.data import examples_from_tasks, read_export, targets
+from worker.training.data import examples_from_tasks, read_export, targets, usable_features
 
 from .experiments import machine_info
 from .fashion import OutfitStructure, build_mosaics, label_config_xml, label_studio_export, partial_labels, write_json
@@ -86,22 +85,9 @@ def build_data(out: Path, settings: Settings, train_images: int, test_images: in
     return {"classes": structure.classes, "train_styles": train.styles, "train_full": train.labels}
 
 
-def encode(examples, runtime, progress=None):
-    """(kept examples with ``key`` set, their whole :class:`Features` — native and text-aligned
-    parts together —, image errors), from the FeatureStore."""
-    feats = runtime.features_for([e.image for e in examples], [e.task_id for e in examples], progress=progress)
-    errors = [f for f in feats if isinstance(f, ImageError)]
-    pairs = [(e, f) for e, f in zip(examples, feats) if not isinstance(f, ImageError)]
-    for example, f in pairs:
-        example.key = f.key
-    if errors:
-        log.warning("%d of %d images could not be used (first: %s)", len(errors), len(examples), errors[0])
-    return [e for e, _ in pairs], [f for _, f in pairs], errors
-
-
 def _test_set(out: Path, classes, runtime, space, hidden_seed: int, show_progress) -> TestSet:
     examples, _ = examples_from_tasks(read_export(out / "test.json"), classes, images_root=out)
-    examples, feats, errors = encode(examples, runtime, show_progress)
+    examples, feats, errors = usable_features(examples, runtime, show_progress)
     y = targets([e.positives for e in examples], classes)
     known, hidden = hide_positives(y, hidden_seed)
     known_names = [[classes[j] for j in row.nonzero().flatten().tolist()] for row in known]
@@ -149,7 +135,7 @@ def run_bench(
     train_sets = {}
     for mode in modes:
         examples, report = examples_from_tasks(read_export(out / f"train_{mode}.json"), classes, images_root=out)
-        examples, feats, _ = encode(examples, runtime, show_progress)
+        examples, feats, _ = usable_features(examples, runtime, show_progress)
         train_sets[mode] = (examples, feats, report.to_dict())
     seconds = {"data": round(data_seconds, 1), "features": round(time.perf_counter() - t0, 1)}
     run = MethodRuns(settings, out, classes, taxonomy, runtime, space, test, list(bench.seeds) or [settings.train.seed],

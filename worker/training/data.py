@@ -251,18 +251,10 @@ def resolve_image(source: str, images_root: str | os.PathLike) -> str:
     return source
 
 
-def label_sets(examples: Sequence[Example]) -> list[list[str]]:
-    return [e.positives for e in examples]
-
-
-def attach_feature_batch(examples: Sequence[Example], runtime, progress: bool | None = None):
-    """Fetch and encode (or read from the cache) every example's image.
-
-    Returns ``(kept examples with .key set, EncodedImages of every feature — native and
-    text-aligned — of the kept images, errors)`` where errors are the :class:`ImageError` of
-    the images that could not be used."""
-    from backend.features import stack_all
-
+def usable_features(examples: Sequence[Example], runtime, progress: bool | None = None):
+    """Fetch and encode (or read from the cache) every example's image: ``(kept examples
+    with .key set, their :class:`~backend.features.Features`, errors)`` where errors are the
+    :class:`ImageError` of the images that could not be used (logged)."""
     feats = runtime.features_for([e.image for e in examples], [e.task_id for e in examples], progress=progress)
     kept, good, errors = [], [], []
     for example, f in zip(examples, feats):
@@ -274,6 +266,16 @@ def attach_feature_batch(examples: Sequence[Example], runtime, progress: bool | 
         good.append(f)
     if errors:
         log.warning("%d of %d images could not be used (first: %s)", len(errors), len(examples), errors[0])
+    return kept, good, errors
+
+
+def attach_feature_batch(examples: Sequence[Example], runtime, progress: bool | None = None):
+    """:func:`usable_features` as one batch: ``(kept examples with .key set, EncodedImages
+    of every feature — native and text-aligned — of the kept images, errors)``;
+    ``ConfigError`` when no image is usable."""
+    from backend.features import stack_all
+
+    kept, good, errors = usable_features(examples, runtime, progress)
     if not kept:
         raise ConfigError("no usable image among the examples" + (f" (first error: {errors[0]})" if errors else ""))
     return kept, stack_all(good), errors
