@@ -88,8 +88,8 @@ def _evaluate(predictor, feats, examples, space) -> dict:
 def train_heads(ctx: TrainingContext) -> TrainingResult:
     """The default trainer: the SigRL heads (worker.training.train.train_model) on cached features,
     evaluated on the held-out tasks together with the current version."""
-    from backend.errors import ConfigError, ModelLoadError
-    from backend.model import load_predictor, save_model
+    from backend.errors import ConfigError
+    from backend.model import save_model
     from worker.training.data import attach_feature_batch, examples_from_tasks
     from worker.training.train import train_model
 
@@ -120,30 +120,12 @@ def train_heads(ctx: TrainingContext) -> TrainingResult:
         raise PermanentJobError(str(exc)) from None
     save_model(result.model, ctx.out_dir, metrics=result.metrics)
     metrics: dict = {"validation": result.metrics}
-    baseline = None
-    promote_reason = None
     ctx.progress("evaluating", holdout_images=len(hold_ex))
     if hold_ex:
-        feats = rt.features_for([e.image for e in hold_ex], [e.task_id for e in hold_ex], progress=False)
-        pairs = [(e, f) for e, f in zip(hold_ex, feats) if not isinstance(f, SemlabelError)]
-        if pairs:
-            hold_ex, hold_feats = [p[0] for p in pairs], [p[1] for p in pairs]
-            metrics.update(_evaluate(load_predictor(ctx.out_dir, rt), hold_feats, hold_ex, space))
-            metrics["split"] = "held-out tasks"
-            if ctx.current_dir is not None:
-                try:
-                    current = load_predictor(ctx.current_dir, rt)
-                except (ModelLoadError, OSError) as exc:
-                    promote_reason = (f"the current version {ctx.current_version} cannot be loaded here "
-                                      f"({exc}); promoted without comparison")
-                else:
-                    baseline = {"version": ctx.current_version,
-                                "metrics": _evaluate(current, hold_feats, hold_ex, space)}
-            else:  # the project is served zero-shot: that is the baseline
-                zero_shot = rt.zero_shot_predictor()
-                baseline = {"version": zero_shot.version,
-                            "metrics": _evaluate(zero_shot, hold_feats, hold_ex, space)}
+        hold_ex, figures, baseline, promote_reason = _held_out(ctx, rt, hold_ex, space)
+        metrics.update(figures)
     else:
+        baseline = None
         promote_reason = (f"too few labelled tasks for a held-out evaluation "
                           f"(fewer than {settings.worker.min_holdout_tasks} would be held out); "
                           "promoted without the gate")
@@ -163,6 +145,32 @@ def train_heads(ctx: TrainingContext) -> TrainingResult:
                 "taxonomy": bool(taxonomy)},
         extra_summary=summary, promote_reason=promote_reason,
     )
+
+
+def _held_out(ctx: TrainingContext, rt, hold_ex, space):
+    """(held-out examples with a usable image, the new version's figures on them, the
+    baseline — the current version, or zero-shot when none is served — on the same images,
+    a reason to promote without the gate when the current version cannot be loaded)."""
+    from backend.errors import ModelLoadError
+    from backend.model import load_predictor
+
+    feats = rt.features_for([e.image for e in hold_ex], [e.task_id for e in hold_ex], progress=False)
+    pairs = [(e, f) for e, f in zip(hold_ex, feats) if not isinstance(f, SemlabelError)]
+    if not pairs:
+        return hold_ex, {}, None, None
+    hold_ex, hold_feats = [p[0] for p in pairs], [p[1] for p in pairs]
+    figures = {**_evaluate(load_predictor(ctx.out_dir, rt), hold_feats, hold_ex, space), "split": "held-out tasks"}
+    if ctx.current_dir is None:  # the project is served zero-shot: that is the baseline
+        zero_shot = rt.zero_shot_predictor()
+        return hold_ex, figures, {"version": zero_shot.version,
+                                  "metrics": _evaluate(zero_shot, hold_feats, hold_ex, space)}, None
+    try:
+        current = load_predictor(ctx.current_dir, rt)
+    except (ModelLoadError, OSError) as exc:
+        return hold_ex, figures, None, (f"the current version {ctx.current_version} cannot be loaded here "
+                                        f"({exc}); promoted without comparison")
+    return hold_ex, figures, {"version": ctx.current_version,
+                              "metrics": _evaluate(current, hold_feats, hold_ex, space)}, None
 
 
 def trainer_for(settings: Settings) -> Callable[[TrainingContext], TrainingResult]:

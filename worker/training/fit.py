@@ -153,6 +153,23 @@ def _train_epoch(module, forward, features, Y, train_idx, optimizer, ema, loss_f
     return total / steps, given
 
 
+def _select(module, ema, forward, features, Y, val_idx, device, batch_size, selection: _Selection,
+            epoch: int) -> float | None:
+    """Score the epoch's weights — the averaged ones with an EMA — on the validation split
+    and let ``selection`` keep them if they are the best so far; the score (None without a
+    validation split). The module leaves with its own training weights."""
+    current = copy.deepcopy(module.state_dict()) if ema is not None else None
+    if ema is not None:
+        module.load_state_dict(ema.module.state_dict())
+    score = None
+    if len(val_idx) > 0:
+        score = observed_auc(predict_logits(module, forward, features, val_idx, device, batch_size), Y[val_idx])
+    selection.observe(module, epoch, score)
+    if current is not None:
+        module.load_state_dict(current)
+    return score
+
+
 def fit(
     module: torch.nn.Module,
     forward: Callable,
@@ -204,17 +221,9 @@ def fit(
                                    conditional_loss, tcfg, generator, device, zs_dev, known_rate, recon_weight)
         known_samples += given
         record = {"stage": "train", "epoch": epoch, "epochs": tcfg.epochs, "loss": round(loss, 5)}
-        current = copy.deepcopy(module.state_dict()) if ema is not None else None
-        if ema is not None:  # evaluate (and keep) the averaged weights
-            module.load_state_dict(ema.module.state_dict())
-        score = None
-        if len(val_idx) > 0:
-            score = observed_auc(predict_logits(module, forward, features, val_idx, device, tcfg.batch_size * 4),
-                                 Y[val_idx])
+        score = _select(module, ema, forward, features, Y, val_idx, device, tcfg.batch_size * 4, selection, epoch)
+        if score is not None:
             record["val_auc"] = round(score, 5) if not math.isnan(score) else None
-        selection.observe(module, epoch, score)
-        if current is not None:
-            module.load_state_dict(current)
         record["seconds"] = round(time.perf_counter() - t0, 3)
         history.append(record)
         bar.set_postfix(loss=record["loss"], val_auc=record.get("val_auc"))
