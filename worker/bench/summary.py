@@ -89,6 +89,13 @@ def _fmt(value, digits=3):
 
 
 def render_markdown(payload: dict) -> dict:
+    """``{"table": the README table with its notes, "report": bench.md}``."""
+    table = "\n".join(_table_lines(payload)) + "\n" + _footnote(payload) + "\n"
+    return {"table": table, "report": _report(payload, table)}
+
+
+def _table_lines(payload: dict) -> list[str]:
+    """Per label setting: the method table, the unseen-label line and the probes' tuning."""
     k = payload["settings"]["bench"]["recall_k"]
     seeds = payload["settings"]["bench"]["seeds"]
     lines = []
@@ -126,6 +133,11 @@ def render_markdown(payload: dict) -> dict:
                          "decay chosen: " + "; ".join(
                              f"{n}: " + ", ".join(f"{t['lr']:g}/{t['weight_decay']:g}" for t in runs_)
                              for n, runs_ in tuned.items()) + ").")
+    return lines
+
+
+def _footnote(payload: dict) -> str:
+    """How the table's figures were made: the decision rule, the bins, backbone, timings."""
     timing = payload.get("timing_1000")
     dec = payload["decision"]
     foot = (f"\nEdit cost: label toggles from the pre-selection to the truth, the pre-selection being the backend's "
@@ -142,7 +154,14 @@ def render_markdown(payload: dict) -> dict:
     if timing:
         foot += (f" Training the full model on {timing['images']} annotated images: median "
                  f"{timing['median_seconds']:.1f} s over {len(timing['seconds'])} runs ({', '.join(f'{s:.1f}' for s in timing['seconds'])} s).")
-    table = "\n".join(lines) + "\n" + foot + "\n"
+    return foot
+
+
+def _report(payload: dict, table: str) -> str:
+    """bench.md: the table, the acceptance checks and every figure per label setting."""
+    from worker.eval.report import metrics_table
+
+    k = payload["settings"]["bench"]["recall_k"]
     acc = payload["acceptance"]
     report = (
         "# semlabel benchmark: Fashion-MNIST outfit mosaics\n\n"
@@ -155,8 +174,6 @@ def render_markdown(payload: dict) -> dict:
             ("edit cost", "edit_cost"), ("× blank", "edit_cost_vs_blank"), ("ticked/task", "selected_per_task"),
             ("ECE", "ECE"), ("recall@1 hidden", "hidden_recall@1"), (f"recall@{k} hidden", f"hidden_recall@{k}"),
             ("mistake severity", "mistake_severity"), ("hier. dist@3", "hier_dist@3"), ("epochs", "epochs")]
-    from worker.eval.report import metrics_table
-
     for mode, res in payload["results"].items():
         rows = [{"name": n, **r} for n, r in res["rows"].items()]
         report += f"### {SETTING_TITLES[mode]}\n\n" + metrics_table(rows, cols) + "\n\n"
@@ -166,7 +183,7 @@ def render_markdown(payload: dict) -> dict:
         if res.get("probe_tuning"):
             report += "Probe tuning (validation split of the training export):\n\n```json\n" + \
                 json.dumps(res["probe_tuning"], indent=1) + "\n```\n\n"
-    return {"table": table, "report": report}
+    return report
 
 
 def readme_path() -> Path | None:
