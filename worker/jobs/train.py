@@ -84,16 +84,23 @@ def train_project(project: str | int, reason: str = "requested", force: bool | N
         lock.release()
 
 
-def _train_locked(job, redis, project, reason, force, settings, progress, lock, started) -> dict:
+def _claim_and_collect(job, redis, project, settings, progress):
+    """Steps ``claim`` and ``collect`` (module doc); then the event stream is folded into
+    the snapshot the next training starts from (lossless), when configured."""
     claimed, upto = claim_pending(redis, project, job.id, settings)
     progress("collect", claimed=claimed, events_upto=upto)
     data = collect(redis, project, upto, settings)
     if settings.redis.compact_after_training and upto:
-        # Lossless: the folded events become the snapshot the next training starts from.
         try:
             progress(compacted=compact_events(redis, project, upto, settings))
         except Exception as exc:  # noqa: BLE001 - the stream stays complete; compacted next time
             log.warning("project %s: could not fold the event stream (%s)", project, exc)
+    return data
+
+
+def _train_locked(job, redis, project, reason, force, settings, progress, lock, started) -> dict:
+    """The job's steps once it holds the project's lock (module doc)."""
+    data = _claim_and_collect(job, redis, project, settings, progress)
     summary = data.summary()
     progress(tasks=summary["tasks"], annotations=summary["annotations"], source=data.source)
     store = ModelStore.from_settings(settings, redis)
