@@ -15,9 +15,9 @@ from backend.errors import ModelLoadError
 from backend.model import load_predictor, save_model
 from backend.model.config import TrainSettings
 from backend.model.sigrl import SigRL, label_graph
-from worker.training.data import Example
 from worker.bench.fashion import partial_labels
 from worker.eval.metrics import mean_average_precision
+from worker.training.data import Example
 from worker.training.fit import sample_known
 from worker.training.train import train_model
 
