@@ -347,7 +347,7 @@ class Settings(BaseSettings):
 
     @property
     def spool_path(self) -> Path:
-        """Where webhook events wait on disk while Redis is away (``backend.spool``):
+        """Where webhook events wait on disk while Redis is away (``backend.queue.spool``):
         ``redis.spool.dir``, else ``<data_dir>/spool``. One spool belongs to one Redis: its
         entries are replayed into whichever Redis the process that finds them talks to."""
         spool_dir = self.redis.spool.dir

@@ -87,7 +87,7 @@ def fashion_set(runtime, tmp_path_factory):
 
     from backend.features import stack_all
     from backend.settings import config_dir
-    from worker.fashion import OutfitStructure, build_mosaics
+    from worker.bench.fashion import OutfitStructure, build_mosaics
 
     structure = OutfitStructure.from_yaml(config_dir() / "bench" / "fashion_outfits.yaml")
     root = tmp_path_factory.mktemp("fashion")

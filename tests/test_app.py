@@ -544,8 +544,8 @@ def test_a_trained_model_suggests_with_co_occurrence_and_scores_labels_it_never_
         settings, runtime, photos, redis_url, tmp_path):
     """The real conditional model of the model issue, trained here on a few annotated photos."""
     from backend.model import save_model
-    from worker.data import attach_feature_batch, examples_from_tasks
-    from worker.train import train_model
+    from worker.training.data import attach_feature_batch, examples_from_tasks
+    from worker.training.train import train_model
 
     trained = {"dog": ["dog"], "eagle": ["bird"], "giraffe": ["giraffe"], "horses": ["horse", "person", "dog"],
                "person": ["person", "dog", "horse"], "kite": ["kite", "person"], "scream": ["person"]}

@@ -7,8 +7,9 @@ import json
 import pytest
 
 from backend.settings import Settings
-from worker.bench import insert_readme_table, run_bench
-from worker.data import examples_from_tasks, label_config_binding, read_export
+from worker.bench.bench import run_bench
+from worker.bench.summary import insert_readme_table
+from worker.training.data import examples_from_tasks, label_config_binding, read_export
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from backend.errors import ConfigError
-from worker.data import examples_from_tasks, label_config_binding, read_export, resolve_image
+from worker.training.data import examples_from_tasks, label_config_binding, read_export, resolve_image
 
 LABELS = ["Coat", "Bag", "Sandal"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from backend.queue.eventlog import read_events, record_webhook
-from worker.jobs import collect, split_holdout
+from worker.jobs.collect import collect, split_holdout
 
 pytestmark = pytest.mark.e2e
 

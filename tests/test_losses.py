@@ -9,7 +9,7 @@ import torch
 
 from backend.labels import Taxonomy
 from backend.model.config import LossSettings
-from worker.losses import (
+from worker.training.losses import (
     PartialLabelLoss,
     an_ls,
     binary_entropy_from_logits,

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from backend.labels import Taxonomy
-from worker.fashion import label_config_xml, label_studio_export, partial_labels
-from worker.metrics import (
+from worker.bench.fashion import label_config_xml, label_studio_export, partial_labels
+from worker.eval.metrics import (
     calibration,
     edit_cost,
     evaluate_scores,

@@ -243,7 +243,8 @@ def test_a_fresh_model_serves_exactly_the_zero_shot_probabilities_on_real_photos
 def test_heads_that_learnt_nothing_useful_are_shrunk_back_to_zero_shot():
     """Small projects: the blend weight of the heads against the zero-shot model they started
     from is chosen on held-out images; heads worse than zero-shot there are not served."""
-    from worker.train import choose_heads_weight, observed_auc
+    from worker.training.fit import observed_auc
+    from worker.training.train import choose_heads_weight
 
     cfg = ModelSettings(adapter_hidden=8, gat_hidden=8, attn_dim=8, native_local_rank=8)
     C, B = 6, 60

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from backend.errors import ConfigError
-from worker.paper import VOC_CLASSES, read_coco, read_nuswide, read_voc, single_positive
+from worker.bench.paper import VOC_CLASSES, read_coco, read_nuswide, read_voc, single_positive
 
 
 def _voc(root, rows):

@@ -130,7 +130,7 @@ def test_local_stack_starts_redis_and_a_worker_and_stops_both_on_exit(isolated, 
     settings, port = isolated
     script = textwrap.dedent("""
         import json, os, sys, time
-        from worker.worker import healthy_workers, local_stack
+        from worker.rq_worker import healthy_workers, local_stack
         with local_stack(worker_args=["--name", "stack-test"], worker_log=sys.argv[1]) as stack:
             for _ in range(600):
                 if healthy_workers():

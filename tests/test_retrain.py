@@ -170,7 +170,7 @@ def scores_of(entry: dict) -> dict[str, float]:
 
 def map_of(scores: dict[str, dict[str, float]]) -> float:
     """Mean over labels of the average precision of ``scores`` against TRUTH."""
-    from worker.metrics import mean_average_precision
+    from worker.eval.metrics import mean_average_precision
     import torch
 
     names = list(TRUTH)

@@ -15,10 +15,11 @@ from backend.errors import ModelLoadError
 from backend.model import load_predictor, save_model
 from backend.model.config import TrainSettings
 from backend.model.sigrl import SigRL, label_graph
-from worker.data import Example
-from worker.fashion import partial_labels
-from worker.metrics import mean_average_precision
-from worker.train import sample_known, train_model
+from worker.bench.fashion import partial_labels
+from worker.eval.metrics import mean_average_precision
+from worker.training.data import Example
+from worker.training.fit import sample_known
+from worker.training.train import train_model
 
 FAST = TrainSettings(epochs=20, patience=20, batch_size=64, lr=3e-3, val_fraction=0.2, seed=0, known_rate=0.5)
 

@@ -66,7 +66,7 @@ def train_tiny(ctx):
     import time
     import xml.etree.ElementTree as ET
 
-    from worker.jobs import TrainingResult
+    from worker.jobs.trainer import TrainingResult
 
     labels = [c.get("value") for c in ET.fromstring(ctx.data.label_config).iter("Choice")]
     epochs = int(os.environ.get("SEMLABEL_TEST_EPOCHS", "3"))

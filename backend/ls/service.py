@@ -337,7 +337,7 @@ class BackendService:
         if self._setup.get(project) == (hostname, token):
             return
         self._setup[project] = (hostname, token)
-        try:  # Redis gets a reference to the token, never the token (backend/lsrecord.py)
+        try:  # Redis gets a reference to the token, never the token (backend/ls/setup_record.py)
             self.events.record_hash(keys_for(self.settings).setup(project), setup_record(hostname, token, self.settings))
         except Exception as exc:  # noqa: BLE001 - the in-process copy still works
             log.warning("project %s: could not record the Label Studio host (%s)", project, exc)

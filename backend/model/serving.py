@@ -25,6 +25,7 @@ import torch
 
 from ..features import EncodedImages, Features, stack_all
 from ..labels import LabelSpace, Taxonomy
+from .batched import in_batches
 from .calibration import Calibration
 from .checkpoint import TrainedModel, load_model
 from .predictor import Predictor, Reasons, Suggestion, known_mask, text_neighbours
@@ -107,15 +108,14 @@ class SigRLPredictor(Predictor):
     def scores(self, batch: EncodedImages, space: LabelSpace, known: torch.Tensor | None = None) -> Scores:
         """:class:`Scores` of a feature batch; ``known [B, C]`` 0/1 (aligned to ``space``)."""
         graph, H, S = self.prepare(space)
-        visual, conditional = [], []
-        for start in range(0, len(batch), self.batch_size):
-            part = batch[start : start + self.batch_size].to(self.device)
-            k = known[start : start + self.batch_size].to(self.device) if known is not None else None
-            out = self.module.score(part, H, graph, k, S, embeddings=space.embeddings.to(self.device))
-            visual.append(out.visual_logits.float().cpu())
-            conditional.append(out.logits.float().cpu())
-        vz = torch.cat(visual) if visual else torch.zeros(0, len(space))
-        cz = torch.cat(conditional) if conditional else torch.zeros(0, len(space))
+        embeddings = space.embeddings.to(self.device)
+
+        def heads(part, k):
+            out = self.module.score(part, H, graph, k, S, embeddings=embeddings)
+            return out.visual_logits, out.logits
+
+        empty = (torch.zeros(0, len(space)), torch.zeros(0, len(space)))
+        vz, cz = in_batches(heads, batch, self.batch_size, self.device, known=known, empty=empty)
         vp = self.visual_calibration.probabilities(vz, space.names)
         has = (known.sum(1, keepdim=True) > 0) if known is not None else torch.zeros(len(vz), 1, dtype=torch.bool)
         active = bool(float(self.module.known_active) > 0)

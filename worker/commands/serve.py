@@ -65,7 +65,7 @@ def serve(host, port, workers, threads, timeout, with_worker, access_log, insecu
 
     click.echo(f"semlabel: serving on http://{host}:{port} ({workers} worker(s) x {threads} thread(s))", err=True)
     if with_worker:
-        from worker.worker import local_stack
+        from worker.rq_worker import local_stack
 
         with local_stack(with_worker=True) as stack:
             click.echo(f"semlabel: Redis {stack.redis_url.split('@')[-1]}, worker pid "

@@ -130,14 +130,13 @@ def _redis_status(settings) -> dict:
 @click.option("--labels", required=True, help="Comma-separated label names, e.g. cat,dog,car.")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
               help="A trained model directory (default: zero-shot scores).")
-@click.option("--json", "as_json", is_flag=True, default=True, help="JSON output (default).")
 @click.option("--table", "as_table", is_flag=True, help="A readable table instead of JSON.")
 @click.option("--backbone", type=click.Choice(["auto", "open_clip", "packaged"]), default=None,
               help="Override backbone.kind.")
 @click.argument("images", nargs=-1, required=True)
-def predict(labels: str, model_dir: Path | None, as_json: bool, as_table: bool, backbone: str | None,
+def predict(labels: str, model_dir: Path | None, as_table: bool, backbone: str | None,
             images: tuple[str, ...]) -> None:
-    """Score every label for every IMAGE (path or URL)."""
+    """Score every label for every IMAGE (path or URL); JSON unless --table."""
     from backend.runtime import Runtime
 
     names = [n.strip() for n in labels.split(",") if n.strip()]
@@ -175,7 +174,7 @@ def predict(labels: str, model_dir: Path | None, as_json: bool, as_table: bool, 
 
 
 def _trained_scores(runtime, model_dir: Path, features, space):
-    from worker.commands.model import trained_scores
+    from worker.cli.model import trained_scores
 
     return trained_scores(runtime, model_dir, features, space)
 
@@ -197,7 +196,7 @@ def _print_table(results: list[dict], names: list[str]) -> None:
 @click.argument("images", nargs=-1, required=True)
 def bench_predict(labels: str, runs: int, out_dir: Path, images: tuple[str, ...]) -> None:
     """Time `semlabel predict` on IMAGES, cold and warm features; JSON + markdown report."""
-    from worker.predict_bench import run
+    from worker.bench.predict import run
 
     run([str(Path(i).resolve()) for i in images], labels, runs, out_dir)
     click.echo((out_dir / "predict-bench.md").read_text())
@@ -233,14 +232,12 @@ def features_gc(max_gb: float | None, max_age_days: float | None) -> None:
 
 
 # The other commands, one module per area (each imports its heavy parts only when run).
-from worker.commands import model as _model_commands  # noqa: E402  train, eval, bench, paper
+from worker.cli import model as _model_commands  # noqa: E402  train, eval, bench, paper
 from worker.commands import serve as _serve_commands  # noqa: E402  serve, suggest, bench-api
-from worker.commands import spot as _spot_commands  # noqa: E402  bench-spot
-from worker.commands import worker as _worker_commands  # noqa: E402  worker, models
+from worker.cli import spot as _spot_commands  # noqa: E402  bench-spot
+from worker.cli import worker as _worker_commands  # noqa: E402  worker, models
 
 for _commands in (_worker_commands, _serve_commands, _model_commands, _spot_commands):
     _commands.register(main)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -1,10 +1,10 @@
 """``semlabel bench-outage``: Redis is killed during a burst of annotation webhooks.
 
-The acceptance check of the disk spool (:mod:`backend.spool`): ``n`` ``ANNOTATION_CREATED``
+The acceptance check of the disk spool (:mod:`backend.queue.spool`): ``n`` ``ANNOTATION_CREATED``
 webhooks go to the backend's ``/webhook`` over HTTP at ``rate`` per second; after
 ``kill_after`` of them the Redis server is killed (SIGKILL) and started again ``outage_s``
 seconds later with its data. Then a ``START_TRAINING`` webhook, and the training job's own
-first steps (:func:`backend.events.claim_pending`, :func:`worker.jobs.collect`) read what the
+first steps (:func:`backend.queue.debounce.claim_pending`, :func:`worker.jobs.collect.collect`) read what the
 next training trains on. The report counts the annotations that reach it, those stored twice
 and those lost, the answers Label Studio got (201 stored, 202 spooled, anything else) and
 their latency, and how long the replay took after Redis came back.
@@ -105,7 +105,7 @@ def count_training_input(redis, project: int, n: int, post: Callable[[dict], tup
     collect step, in this process). Counts annotations reaching it, lost and stored twice."""
     from backend.queue.debounce import claim_pending
     from backend.queue.eventlog import read_events
-    from worker.jobs import collect
+    from worker.jobs.collect import collect
 
     status, body = post({"action": "START_TRAINING", "project": {"id": project, "label_config": LABEL_CONFIG}})
     job_id = (body or {}).get("job") or ""

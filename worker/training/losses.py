@@ -141,9 +141,6 @@ class PartialLabelLoss:
             loss = loss + cfg.ranking_weight * ranking(logits, y, mask, soft)
         return loss
 
-    def describe(self) -> dict:
-        return self.cfg.model_dump()
-
 
 def label_similarity(cfg: LossSettings, names: Sequence[str], embeddings: torch.Tensor, taxonomy=None):
     """The similarity the semantic loss uses, or None when it is off."""

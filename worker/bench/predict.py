@@ -61,7 +61,28 @@ def run(images: list[str], labels: str, runs: int, out_dir: Path) -> dict:
         warm.append(wall)
         peaks.append(peak)
 
-    # In-process breakdown.
+    runtime, in_process = _in_process(images, labels, base)
+    shutil.rmtree(base, ignore_errors=True)
+
+    report = {
+        "images": len(images),
+        "runs": runs,
+        "backbone": runtime.backbone.name,
+        "command_cold_s": {"median": statistics.median(cold), "all": cold},
+        "command_warm_s": {"median": statistics.median(warm), "all": warm},
+        "cold_over_warm": statistics.median(cold) / statistics.median(warm),
+        "peak_rss_mb": max(peaks) / 2**20,
+        "in_process_s": in_process,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "predict-bench.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "predict-bench.md").write_text(_markdown(report))
+    return report
+
+
+def _in_process(images: list[str], labels: str, base: Path):
+    """(the runtime, seconds of start-up and model load, feature extraction cold and warm,
+    zero-shot scoring), measured in this process with a fresh feature store."""
     os.environ["SEMLABEL_DATA_DIR"] = str(base / "inproc")
     (base / "inproc").mkdir()
     for f in (base / "seed").glob("text-embeddings.sqlite*"):
@@ -82,28 +103,13 @@ def run(images: list[str], labels: str, runs: int, out_dir: Path) -> dict:
     t0 = time.perf_counter()
     runtime.zero_shot(feats, space)
     scoring = time.perf_counter() - t0
-    shutil.rmtree(base, ignore_errors=True)
-
-    report = {
-        "images": len(images),
-        "runs": runs,
-        "backbone": runtime.backbone.name,
-        "command_cold_s": {"median": statistics.median(cold), "all": cold},
-        "command_warm_s": {"median": statistics.median(warm), "all": warm},
-        "cold_over_warm": statistics.median(cold) / statistics.median(warm),
-        "peak_rss_mb": max(peaks) / 2**20,
-        "in_process_s": {
-            "startup_and_model_load": startup,
-            "features_cold": extract_cold,
-            "features_warm": extract_warm,
-            "features_cold_over_warm": extract_cold / max(extract_warm, 1e-9),
-            "zero_shot_scoring": scoring,
-        },
+    return runtime, {
+        "startup_and_model_load": startup,
+        "features_cold": extract_cold,
+        "features_warm": extract_warm,
+        "features_cold_over_warm": extract_cold / max(extract_warm, 1e-9),
+        "zero_shot_scoring": scoring,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "predict-bench.json").write_text(json.dumps(report, indent=2))
-    (out_dir / "predict-bench.md").write_text(_markdown(report))
-    return report
 
 
 def _markdown(r: dict) -> str:

@@ -24,7 +24,7 @@ def register(main: click.Group) -> None:
 def bench_spot(fixture: Path, photos: Path, out_dir: Path, runs: int, threads: int) -> None:
     """Hit rate of a point/box on an unlabelled object (top-2 additions) and the interactive
     answer's median latency; writes spot.json and spot.md under --out."""
-    from worker.spot_bench import run
+    from worker.bench.spot import run
 
     summary = run(fixture, photos, out_dir, runs, threads)
     click.echo(json.dumps({k: summary[k] for k in ("all", "points", "boxes", "validation", "test", "latency", "latency_1_thread")}))

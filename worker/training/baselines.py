@@ -6,7 +6,7 @@ co-occurrence.
   1280-d for EfficientNet-Lite0) in the benchmark — trained with the same partial-label loss,
   optimiser, model selection and seed as the SigRL heads, and tuned as carefully: learning
   rate and weight decay are chosen from ``probe_grid`` on the validation split (never the
-  test images), by the same held-out criterion (:func:`~worker.train.observed_auc`); its
+  test images), by the same held-out criterion (:func:`~worker.training.fit.observed_auc`); its
   probabilities are calibrated on that split like the model's. It has one weight row per
   label, so unlike SigRL it cannot score a label it was not trained on.
 - **Linear probe × co-occurrence**: given known labels K, ``p(c | x, K) ∝ p(c | x) ·
@@ -30,12 +30,9 @@ from backend.model.config import CalibrationSettings, LossSettings, TrainSetting
 from backend.model.cooccurrence import CooccurrenceStats, smoothed_conditional
 from backend.model.sigrl import FeatureNorm
 
+from .data import targets
+from .fit import fit, observed_auc, predict_logits, split_indices
 from .losses import PartialLabelLoss
-from .train import fit, observed_auc, predict_logits, split_indices, targets
-
-#: (lr, weight_decay) pairs the probe is tuned over on the validation split.
-PROBE_GRID: tuple[tuple[float, float], ...] = ((3e-3, 1e-4), (1e-3, 1e-4), (3e-3, 1e-2), (1e-2, 1e-3))
-
 
 class LinearProbe(nn.Module):
     def __init__(self, dim: int, classes: int):
@@ -134,4 +131,4 @@ def train_linear_probe(
     return ProbeResult(module, stats, list(names), summary, outcome.history, calibration)
 
 
-__all__ = ["LinearProbe", "ProbeResult", "train_linear_probe", "predict_logits"]
+__all__ = ["LinearProbe", "ProbeResult", "train_linear_probe"]

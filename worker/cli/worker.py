@@ -33,7 +33,7 @@ def worker_command(queues, burst, name, max_jobs, no_scheduler, healthcheck) -> 
     Start one per machine with a GPU, all pointing at the same REDIS_URL and the same model
     store (store.root); `rq info --url $REDIS_URL` shows them.
     """
-    from worker.worker import healthy_workers, run_worker
+    from worker.rq_worker import healthy_workers, run_worker
 
     if healthcheck:
         names = healthy_workers()
@@ -260,7 +260,7 @@ def models_train(project, delay) -> None:
 def bench_outage(out_dir, n, rate, kill_after, outage_s) -> None:
     """Kill Redis during a burst of annotation webhooks; count the annotations that reach the
     next training (and any lost or stored twice), the answers and their latency."""
-    from worker.bench_outage import run
+    from worker.bench.outage import run
 
     report = run(out_dir, n=n, rate=rate, kill_after=kill_after, outage_s=outage_s)
     click.echo(json.dumps(report, indent=2))

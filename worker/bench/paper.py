@@ -154,14 +154,14 @@ def run_paper(dataset: str, root, out_dir, method: str = "em", max_images: int |
     """Train and evaluate the protocol's methods; writes ``paper-<dataset>.json``."""
     import torch
 
-    from backend.features import Features
+    from backend.features import EncodedImages, Features
     from backend.labels import Label
+    from backend.model.serving import SigRLPredictor
     from backend.runtime import Runtime
-
-    from .baselines import train_linear_probe
-    from .data import Example, attach_features
-    from .metrics import evaluate_scores
-    from .train import train_model
+    from worker.eval.evaluate import evaluate_outputs
+    from worker.training.baselines import train_linear_probe
+    from worker.training.data import Example, attach_features
+    from worker.training.train import train_model
 
     data = READERS[dataset](root)
     out_dir = Path(out_dir)
@@ -187,23 +187,19 @@ def run_paper(dataset: str, root, out_dir, method: str = "em", max_images: int |
                      "test_images": len(test_examples), "image_errors": len(errors) + len(test_errors),
                      "reference": REFERENCE, "methods": {}}
     zs = runtime.zero_shot([Features("", g, l) for g, l in zip(Gt, Lt)], space)
-    results["methods"]["zero-shot"] = {"mAP": round(100 * evaluate_scores(zs, y_test, names=space.names)["mAP"], 2)}
+    results["methods"]["zero-shot"] = {"mAP": round(100 * evaluate_outputs(zs, y_test, space.names)["mAP"], 2)}
     t0 = time.perf_counter()
     probe = train_linear_probe([e.positives for e in examples], space.names, G,
                                settings.loss.model_copy(update={"kind": "em"}), settings.train, seed)
     results["methods"]["linear probe + EM"] = {
-        "mAP": round(100 * evaluate_scores(probe.logits(Gt), y_test, names=space.names)["mAP"], 2),
+        "mAP": round(100 * evaluate_outputs(probe.logits(Gt), y_test, space.names)["mAP"], 2),
         "train_seconds": round(time.perf_counter() - t0, 1)}
     result = train_model(examples, space, (G, L), settings, backbone=runtime.backbone, seed=seed, loss_cfg=loss_cfg)
-    module = result.model.module
-    from backend.model.sigrl import label_graph
-
-    graph = label_graph(result.model.stats, space.names, space.embeddings, module.cfg)
-    with torch.no_grad():
-        logits = torch.cat([module(Gt[s:s + 256], Lt[s:s + 256], space.embeddings, graph).logits
-                            for s in range(0, len(Gt), 256)])
+    # Scored the way the backend serves it (calibration aside: mAP is a ranking figure).
+    heads = SigRLPredictor(result.model).scores(EncodedImages.aligned_only(Gt, Lt), space)
+    logits = heads.visual_logits
     results["methods"][f"SigRL ({method})"] = {
-        "mAP": round(100 * evaluate_scores(logits, y_test, names=space.names)["mAP"], 2),
+        "mAP": round(100 * evaluate_outputs(logits, y_test, space.names)["mAP"], 2),
         "train_seconds": result.summary["train_seconds"]}
     (out_dir / f"paper-{dataset}.json").write_text(json.dumps(results, indent=2))
     return results

@@ -10,7 +10,7 @@
   dies takes nothing else with it. On the CPU the parent loads the backbone once before
   forking, and every job shares it; CUDA must not be initialised before a fork, so with CUDA
   each job loads the backbone itself.
-- Jobs are read with RQ's JSON serializer (:func:`backend.events.job_serializer`), never
+- Jobs are read with RQ's JSON serializer (:func:`backend.queue.contract.job_serializer`), never
   unpickled: a job planted in Redis cannot run code here.
 - :func:`local_stack` is the one-machine setup behind ``semlabel serve --with-worker``: a
   Redis (``REDIS_URL``, a local one, or an embedded valkey-server with append-only
@@ -77,7 +77,7 @@ def _semlabel_worker_class():
 
         def handle_work_horse_killed(self, job, retpid, ret_val, rusage):
             super().handle_work_horse_killed(job, retpid, ret_val, rusage)
-            from worker.jobs import note_failure
+            from worker.jobs.progress import note_failure
 
             how = f"signal {os.WTERMSIG(ret_val)}" if ret_val and os.WIFSIGNALED(ret_val) else f"status {ret_val}"
             peak = f", peak RSS {rusage.ru_maxrss / 1024:.0f} MB" if rusage is not None else ""
@@ -85,12 +85,6 @@ def _semlabel_worker_class():
             note_failure(job, f"work horse {retpid} killed by {how}{peak} on {self.hostname}{retry}")
 
     return SemlabelWorker
-
-
-def __getattr__(name):  # SemlabelWorker without importing rq at module import
-    if name == "SemlabelWorker":
-        return _semlabel_worker_class()
-    raise AttributeError(name)
 
 
 def run_worker(
@@ -127,13 +121,13 @@ def run_worker(
     log.warning("semlabel worker: device %s%s, torch %s, queues %s, Redis %s", device, gpu, torch.__version__,
                 ",".join(names), redact(_url_of(connection)))
     if preload and settings.worker.preload and not device.startswith("cuda"):
-        from worker import jobs
+        from worker.jobs.runtime import preload as preload_backbone
 
         # The parent stays single-threaded in torch: an OpenMP thread pool created before a
         # fork deadlocks the forked work horse. Each horse gets the threads back.
         SemlabelWorker.horse_threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        jobs.preload(settings)
+        preload_backbone(settings)
     worker = SemlabelWorker(
         [queue(connection, n) for n in names],
         connection=connection,

@@ -44,7 +44,7 @@ def plot_pr_curves(path: Path, curves_by_method: dict[str, dict], title: str = "
 
 def plot_reliability(path: Path, calibrations: dict[str, dict], title: str = "") -> Path:
     """Reliability diagram: observed frequency against mean probability per bin, one line per
-    method (``calibrations[name]`` is :func:`worker.metrics.calibration`'s output), marker
+    method (``calibrations[name]`` is :func:`worker.eval.metrics.calibration`'s output), marker
     area ∝ pairs in the bin; the diagonal is perfect calibration."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 5))
@@ -138,7 +138,7 @@ def metrics_table(rows: list[dict], columns: Sequence[tuple[str, str]]) -> str:
 def eval_report(out_dir, predictor, features, examples, space, payload: dict) -> Path:
     """``semlabel eval --report``: report.md, pr_curves.png, label_graph.png, eval.json."""
     from .metrics import pr_curves
-    from .train import targets
+    from worker.training.data import targets
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,9 @@ A Label Studio JSON export is a list of tasks::
 
 Rules (:func:`examples_from_tasks`):
 
-- only ``choices`` results count (of the given ``from_name`` when one is set); a task's
-  *predictions* are never labels;
+- only ``choices`` results count (of the given ``from_name`` when one is set), read by the
+  backend's one result parser (``backend.ls.config.ProjectConfig.chosen``, see
+  :func:`results_config`); a task's *predictions* are never labels;
 - cancelled annotations (``was_cancelled``) and annotations without any choice are ignored;
 - several annotations of one task: ``policy="union"`` (default) takes the union of their
   choices — every annotator's positive is a positive; ``policy="latest"`` takes the
@@ -71,6 +72,20 @@ def label_config_binding(xml: str):
     return next((b for b in config.bindings if b.multiple), config.bindings[0])
 
 
+def targets(label_sets: Sequence[Sequence[str]], names: Sequence[str]):
+    """``[N, C]`` 0/1 float tensor: ``y[b, c] = 1`` when ``names[c]`` is in ``label_sets[b]``
+    (names outside ``names`` are ignored)."""
+    import torch
+
+    index = {n: i for i, n in enumerate(names)}
+    y = torch.zeros(len(label_sets), len(names))
+    for b, labels in enumerate(label_sets):
+        for name in labels:
+            if name in index:
+                y[b, index[name]] = 1.0
+    return y
+
+
 def read_export(path: str | os.PathLike) -> list[dict]:
     try:
         with open(path, encoding="utf-8") as fh:
@@ -86,16 +101,48 @@ def read_export(path: str | os.PathLike) -> list[dict]:
     return data
 
 
-def annotation_choices(annotation: dict, from_name: str | None = None) -> list[str]:
+def _choices_results(tasks: Iterable[dict]):
+    """Every ``choices`` result of the tasks' annotations (predictions never count)."""
+    for task in tasks:
+        for annotation in task.get("annotations") or []:
+            if isinstance(annotation, dict):
+                for item in annotation.get("result") or []:
+                    if isinstance(item, dict) and item.get("type", "choices") == "choices":
+                        yield item
+
+
+def results_config(tasks: Sequence[dict], labels: Sequence[str] | None = None, from_name: str | None = None):
+    """The :class:`~backend.ls.config.ProjectConfig` the annotations are read with, so that
+    :meth:`ProjectConfig.chosen` — the backend's one result parser — reads them: one
+    multiple-choice binding of ``labels`` (default: every choice the tasks name) per
+    control (``from_name``) and object (``to_name``) their choices results name; only the
+    control ``from_name`` when given (results that name no control count for it)."""
+    from backend.labels import Label
+    from backend.ls.config import Binding, ProjectConfig
+
+    pairs: dict[tuple[str, str], None] = {}
+    names: dict[str, None] = dict.fromkeys(labels or ())
+    for item in _choices_results(tasks):
+        control = str(item.get("from_name", ""))
+        if from_name and control not in ("", from_name):
+            continue
+        pairs[(control, str(item.get("to_name") or ""))] = None
+        if labels is None:
+            value = item.get("value") if isinstance(item.get("value"), dict) else {}
+            names.update(dict.fromkeys(c for c in value.get("choices") or [] if isinstance(c, str) and c.strip()))
+    label_tuple = tuple(Label(n) for n in names)
+    bindings = tuple(Binding(control, obj, None, None, True, label_tuple) for control, obj in pairs)
+    return ProjectConfig("", bindings)
+
+
+def annotation_choices(config, annotation: dict) -> list[str]:
+    """The choices of one annotation as ``config`` reads them: its labels first, then the
+    values that are not labels of the config (callers count and drop those)."""
+    chosen, unknown = config.chosen(annotation.get("result"))
     out: list[str] = []
-    for item in annotation.get("result") or []:
-        if not isinstance(item, dict) or item.get("type", "choices") != "choices":
-            continue
-        if from_name and item.get("from_name") not in (None, from_name):
-            continue
-        for choice in (item.get("value") or {}).get("choices") or []:
-            if isinstance(choice, str) and choice not in out:
-                out.append(choice)
+    for names in chosen.values():
+        out.extend(n for n in names if n not in out)
+    out.extend(u.split(":", 1)[1] for u in unknown if u.split(":", 1)[1] not in out)
     return out
 
 
@@ -106,8 +153,9 @@ def _annotation_time(annotation: dict) -> tuple:
     )
 
 
-def task_positives(task: dict, from_name: str | None = None, policy: str = "union") -> tuple[list[str], int]:
-    """(chosen labels, number of cancelled annotations) of one task."""
+def task_positives(task: dict, config, policy: str = "union") -> tuple[list[str], int]:
+    """(chosen labels, number of cancelled annotations) of one task, its annotations read
+    with ``config`` (:func:`results_config`)."""
     cancelled = 0
     usable = []
     for annotation in task.get("annotations") or []:
@@ -116,7 +164,7 @@ def task_positives(task: dict, from_name: str | None = None, policy: str = "unio
         if annotation.get("was_cancelled"):
             cancelled += 1
             continue
-        choices = annotation_choices(annotation, from_name)
+        choices = annotation_choices(config, annotation)
         if choices:
             usable.append((annotation, choices))
     if not usable:
@@ -152,7 +200,9 @@ def examples_from_tasks(
     images_root: str | os.PathLike | None = None,
 ) -> tuple[list[Example], ExportReport]:
     """Partial-label examples of an export (rules in the module docstring)."""
+    tasks = list(tasks)
     allowed = set(labels) if labels is not None else None
+    config = results_config(tasks, labels, from_name)
     report = ExportReport()
     out = []
     for task in tasks:
@@ -161,7 +211,7 @@ def examples_from_tasks(
         if not image:
             report.skipped_no_image += 1
             continue
-        positives, cancelled = task_positives(task, from_name, policy)
+        positives, cancelled = task_positives(task, config, policy)
         report.cancelled_annotations += cancelled
         if allowed is not None:
             for name in positives:
@@ -201,18 +251,10 @@ def resolve_image(source: str, images_root: str | os.PathLike) -> str:
     return source
 
 
-def label_sets(examples: Sequence[Example]) -> list[list[str]]:
-    return [e.positives for e in examples]
-
-
-def attach_feature_batch(examples: Sequence[Example], runtime, progress: bool | None = None):
-    """Fetch and encode (or read from the cache) every example's image.
-
-    Returns ``(kept examples with .key set, EncodedImages of every feature — native and
-    text-aligned — of the kept images, errors)`` where errors are the :class:`ImageError` of
-    the images that could not be used."""
-    from backend.features import stack_all
-
+def usable_features(examples: Sequence[Example], runtime, progress: bool | None = None):
+    """Fetch and encode (or read from the cache) every example's image: ``(kept examples
+    with .key set, their :class:`~backend.features.Features`, errors)`` where errors are the
+    :class:`ImageError` of the images that could not be used (logged)."""
     feats = runtime.features_for([e.image for e in examples], [e.task_id for e in examples], progress=progress)
     kept, good, errors = [], [], []
     for example, f in zip(examples, feats):
@@ -224,6 +266,16 @@ def attach_feature_batch(examples: Sequence[Example], runtime, progress: bool | 
         good.append(f)
     if errors:
         log.warning("%d of %d images could not be used (first: %s)", len(errors), len(examples), errors[0])
+    return kept, good, errors
+
+
+def attach_feature_batch(examples: Sequence[Example], runtime, progress: bool | None = None):
+    """:func:`usable_features` as one batch: ``(kept examples with .key set, EncodedImages
+    of every feature — native and text-aligned — of the kept images, errors)``;
+    ``ConfigError`` when no image is usable."""
+    from backend.features import stack_all
+
+    kept, good, errors = usable_features(examples, runtime, progress)
     if not kept:
         raise ConfigError("no usable image among the examples" + (f" (first error: {errors[0]})" if errors else ""))
     return kept, stack_all(good), errors

@@ -18,7 +18,7 @@ def _labels(labels: str | None, label_config: Path | None):
     """(labels, from_name, image field) from --labels or --label-config; the labels are
     :class:`backend.labels.Label` (a config's values and hints become prompt texts)."""
     from backend.labels import Label
-    from worker.data import label_config_binding
+    from worker.training.data import label_config_binding
 
     if labels and label_config:
         raise click.UsageError("give --labels or --label-config, not both")
@@ -91,8 +91,8 @@ def train_cmd(export_path, out_dir, labels, label_config, images_root, taxonomy,
     """Train the SigRL heads on a Label Studio export; write MODEL_DIR."""
     from backend.model.checkpoint import save_model
     from backend.runtime import Runtime
-    from worker.data import attach_feature_batch, examples_from_tasks, read_export
-    from worker.train import train_model
+    from worker.training.data import attach_feature_batch, examples_from_tasks, read_export
+    from worker.training.train import train_model
 
     label_list, from_name, image_field = _labels(labels, label_config)
     tasks = read_export(export_path)
@@ -135,8 +135,8 @@ def eval_cmd(export_path, model_dir, labels, label_config, images_root, taxonomy
     from backend.labels import Taxonomy
     from backend.model.serving import load_predictor
     from backend.runtime import Runtime
-    from worker.data import attach_feature_batch, examples_from_tasks, read_export
-    from worker.evaluate import evaluate_features
+    from worker.training.data import attach_feature_batch, examples_from_tasks, read_export
+    from worker.eval.evaluate import evaluate_features
 
     runtime = Runtime.create(backbone_kind=backbone)
     predictor = load_predictor(model_dir, runtime)
@@ -168,7 +168,7 @@ def eval_cmd(export_path, model_dir, labels, label_config, images_root, taxonomy
         "image_errors": len(errors),
     }
     if report_dir is not None:
-        from worker.report import eval_report
+        from worker.eval.report import eval_report
 
         payload["report"] = str(eval_report(report_dir, predictor, features, examples, space, payload))
     click.echo(json.dumps(payload, indent=2))
@@ -185,7 +185,7 @@ def eval_cmd(export_path, model_dir, labels, label_config, images_root, taxonomy
               help="Label settings to run (single, partial).")
 def bench_cmd(out_dir, train_images, test_images, readme, settings_filter):
     """Fashion-MNIST outfit benchmark: every method, single-positive and partial labels."""
-    from worker.bench import run_bench
+    from worker.bench.bench import run_bench
 
     modes = [m.strip() for m in settings_filter.split(",") if m.strip()]
     result = run_bench(out_dir, train_images=train_images, test_images=test_images, modes=modes,
@@ -206,7 +206,7 @@ def bench_cmd(out_dir, train_images, test_images, readme, settings_filter):
               show_default=True)
 def paper_cmd(dataset, root, out_dir, method, max_images, backbone):
     """Cole et al. single-positive protocol on VOC 2012 / COCO 2014 / NUS-WIDE."""
-    from worker.paper import run_paper
+    from worker.bench.paper import run_paper
 
     result = run_paper(dataset, root, out_dir, method=method, max_images=max_images, backbone=backbone)
     click.echo(json.dumps(result, indent=2))
