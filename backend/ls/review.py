@@ -130,9 +130,6 @@ class ReviewQueue:
             pipe.xadd(self.key, {"job": json.dumps(job, separators=(",", ":"), default=str), "ts": now})
         return [i.decode() if isinstance(i, bytes) else i for i in pipe.execute()]
 
-    def backlog(self, redis) -> int:
-        return int(redis.xlen(self.key))
-
     # -- consumer ----------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is None:
@@ -252,7 +249,7 @@ class ReviewQueue:
         raise PermanentFailure(f"unknown job kind {kind!r}")
 
     def _client(self, project: str):
-        conn = self.service.connection(project)
+        conn = self.service.connections.get(project)
         if conn is None or not conn.api_key:
             raise RuntimeError(
                 f"no Label Studio host/token for project {project} yet (LABEL_STUDIO_URL and "
@@ -283,7 +280,7 @@ class ReviewQueue:
             data = client.tasks.get(id=int(task_id)).data
         task = {"id": int(task_id), "data": data}
         try:
-            entry = self.service.review_prediction(project, xml, task, ann)
+            entry = self.service.predictions.review(project, self.service.configs.get(xml), task, ann)
         except (ConfigError, ImageError) as exc:
             if isinstance(exc, ConfigError):
                 raise PermanentFailure(f"project {project}: {exc}") from exc
