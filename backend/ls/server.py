@@ -170,8 +170,9 @@ class ServerProcess:
     ``/health`` says so; ``args``: more of its options (``--threads 8``)."""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int | None = None, env: dict | None = None,
-                 args: tuple[str, ...] = (), log_path: str | Path | None = None):
+                 args: tuple[str, ...] = (), log_path: str | Path | None = None, cwd: str | Path | None = None):
         self.host = host
+        self.cwd = cwd
         self.port = port or free_port(host)
         self.env = {**os.environ, **(env or {})}
         self.args = tuple(args)
@@ -194,7 +195,7 @@ class ServerProcess:
         self._started = time.perf_counter()
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.command(), env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, cwd=self.cwd)
         log.close()
         return self
 
