@@ -129,6 +129,40 @@ def _labels_of(control) -> tuple[Label, ...]:
     return tuple(out)
 
 
+def _bindings_of(control, image_tag, notes: list[str], seen_other: list[str]) -> list[Binding]:
+    """The bindings of one ``<Choices>`` (one per ``<Image>`` it labels); why it is not
+    served goes to ``notes``, its non-image targets to ``seen_other``."""
+    attr = control.attr or {}
+    images = [o for o in control.objects if isinstance(o, image_tag)]
+    for o in control.objects:
+        if not isinstance(o, image_tag):
+            seen_other.append(f"<Choices name={control.name!r}> is bound to <{o.tag} name={o.name!r}>")
+    if not images:
+        return []
+    if str(attr.get("perRegion", "")).lower() in _TRUE:
+        notes.append(f"<Choices name={control.name!r}> is per region; not served")
+        return []
+    if str(attr.get("value", "")).startswith("$"):
+        notes.append(f"<Choices name={control.name!r}> takes its choices from task data; not served")
+        return []
+    labels = _labels_of(control)
+    if not labels:
+        notes.append(f"<Choices name={control.name!r}> has no <Choice>; not served")
+        return []
+    names = [l.name for l in labels]
+    if len(set(names)) != len(names):
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"<Choices name={control.name!r}> has duplicate choices {dupes}")
+    out = []
+    for image in images:
+        value = image.value or ""
+        data_key = image.value_name if value.startswith("$") else None
+        out.append(Binding(control=control.name, object=image.name, data_key=data_key,
+                           constant=None if data_key else value, multiple=bool(control.is_multiple_choice),
+                           labels=labels))
+    return out
+
+
 def _parse(xml: str, reasons_name: str) -> ProjectConfig:
     from label_studio_sdk.label_interface import LabelInterface
     from label_studio_sdk.label_interface.control_tags import ChoicesTag, TextAreaTag
@@ -145,42 +179,8 @@ def _parse(xml: str, reasons_name: str) -> ProjectConfig:
     notes: list[str] = []
     seen_other: list[str] = []
     for control in li.controls:
-        if not isinstance(control, ChoicesTag):
-            continue
-        attr = control.attr or {}
-        images = [o for o in control.objects if isinstance(o, ImageTag)]
-        others = [o for o in control.objects if not isinstance(o, ImageTag)]
-        for o in others:
-            seen_other.append(f"<Choices name={control.name!r}> is bound to <{o.tag} name={o.name!r}>")
-        if not images:
-            continue
-        if str(attr.get("perRegion", "")).lower() in _TRUE:
-            notes.append(f"<Choices name={control.name!r}> is per region; not served")
-            continue
-        if str(attr.get("value", "")).startswith("$"):
-            notes.append(f"<Choices name={control.name!r}> takes its choices from task data; not served")
-            continue
-        labels = _labels_of(control)
-        if not labels:
-            notes.append(f"<Choices name={control.name!r}> has no <Choice>; not served")
-            continue
-        names = [l.name for l in labels]
-        if len(set(names)) != len(names):
-            dupes = sorted({n for n in names if names.count(n) > 1})
-            raise ConfigError(f"<Choices name={control.name!r}> has duplicate choices {dupes}")
-        for image in images:
-            value = image.value or ""
-            data_key = image.value_name if value.startswith("$") else None
-            bindings.append(
-                Binding(
-                    control=control.name,
-                    object=image.name,
-                    data_key=data_key,
-                    constant=None if data_key else value,
-                    multiple=bool(control.is_multiple_choice),
-                    labels=labels,
-                )
-            )
+        if isinstance(control, ChoicesTag):
+            bindings.extend(_bindings_of(control, ImageTag, notes, seen_other))
     if not bindings:
         found = "; ".join(seen_other + notes) or "no <Choices> at all"
         raise ConfigError(

@@ -66,82 +66,36 @@ def _variants(photos, n: int, out: Path, salt: str) -> list[str]:
     return paths
 
 
+def _images_dir(out_dir: Path) -> Path:
+    """``<out>/images`` (created): the task images, under the server's local root."""
+    images = (out_dir / "images").resolve()
+    images.mkdir(parents=True, exist_ok=True)
+    return images
+
+
+def _start_server(images: Path, server_args: str, log_path: Path):
+    """The backend on a free port, serving files under ``images``, without review jobs
+    (without ``--project`` nothing is written to Redis either)."""
+    from backend.ls.server import ServerProcess
+
+    env = {"SEMLABEL_IMAGES__LOCAL_ROOTS": json.dumps([str(images)]), "SEMLABEL_BACKEND__REVIEW__ENABLED": "false",
+           "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    server = ServerProcess(env=env, args=tuple(server_args.split()), log_path=log_path)
+    click.echo(f"starting the backend on {server.url} ...", err=True)
+    return server.start()
+
+
 def _median(values) -> float:
     return round(statistics.median(values), 4)
 
 
-@click.command("bench-api")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-out"), show_default=True)
-@click.option("--runs", type=int, default=5, show_default=True, help="Repetitions of each measurement.")
-@click.option("--batch", type=int, default=16, show_default=True, help="Tasks in the large request.")
-@click.option("--server-args", default="", help="Extra arguments for `python -m backend.ls`, e.g. '--threads 8'.")
-@click.option("--project", type=int, default=None,
-              help="Project id to send (its trained model is served); default: none, the zero-shot model.")
-def bench_api(out_dir: Path, runs: int, batch: int, server_args: str, project: int | None) -> None:
-    """Median /predict latency of a running server: 1 and BATCH tasks, cold and warm features.
-
-    Starts the backend on a free port, sends real photos as tasks (cold: bytes the feature
-    cache has never seen; warm: the same tasks again), and writes api-bench.json and
-    api-bench.md to --out."""
+def _write_api_report(out_dir: Path, server, health: dict, project, runs: int, batch: int,
+                      timings: dict, health_times: list) -> None:
+    """api-bench.json and api-bench.md from the measured timings."""
     import platform
 
-    import requests
     import torch
 
-    from backend.ls.server import ServerProcess
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    images = (out_dir / "images").resolve()
-    images.mkdir(exist_ok=True)
-    salt = uuid.uuid4().hex[:8]
-    photos = _base_photos()
-    warmup = _variants(photos, 1, images, salt + "w")
-    singles = _variants(photos, runs, images, salt + "s")
-    batches = [_variants(photos[r % len(photos):] + photos, batch, images, f"{salt}b{r}") for r in range(runs)]
-    config = BENCH_CONFIG.format(choices="\n    ".join(f'<Choice value="{n}"/>' for n in BENCH_LABELS))
-
-    # No review jobs; without --project nothing is written to Redis either.
-    env = {"SEMLABEL_IMAGES__LOCAL_ROOTS": json.dumps([str(images)]), "SEMLABEL_BACKEND__REVIEW__ENABLED": "false",
-           "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-    server = ServerProcess(env=env, args=tuple(server_args.split()), log_path=out_dir / "server.log")
-    click.echo(f"starting the backend on {server.url} ...", err=True)
-    server.start()
-    session = requests.Session()
-
-    def predict(paths: list[str]) -> float:
-        tasks = [{"id": i + 1, "data": {"image": p}} for i, p in enumerate(paths)]
-        body = {"tasks": tasks, "label_config": config,
-                "params": {"login": None, "password": None, "context": None}}
-        if project is not None:
-            body["project"] = f"{project}.0"
-        t0 = time.perf_counter()
-        resp = session.post(server.url + "/predict", json=body, timeout=300)
-        elapsed = time.perf_counter() - t0
-        resp.raise_for_status()
-        results = resp.json()["results"]
-        bad = [r for r in results if "result" not in r]
-        if len(results) != len(paths) or bad:
-            raise click.ClickException(f"/predict answered {len(results)} results, errors: {bad[:2]}")
-        return elapsed
-
-    try:
-        health = session.get(server.url + "/health", timeout=5).json()
-        predict(warmup)  # label-space text embeddings and first-call costs, not measured
-        timings = {"cold_1": [], "warm_1": [], f"cold_{batch}": [], f"warm_{batch}": []}
-        for r in range(runs):
-            timings["cold_1"].append(predict([singles[r]]))
-            timings["warm_1"].append(predict([singles[r]]))
-            timings[f"cold_{batch}"].append(predict(batches[r]))
-            timings[f"warm_{batch}"].append(predict(batches[r]))
-            click.echo(f"run {r + 1}/{runs}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in timings.items()),
-                       err=True)
-        health_times = []
-        for _ in range(20):
-            t0 = time.perf_counter()
-            session.get(server.url + "/health", timeout=5).raise_for_status()
-            health_times.append(time.perf_counter() - t0)
-    finally:
-        server.stop()
     med = {k: _median(v) for k, v in timings.items()}
     report = {
         "server": server.url,
@@ -188,74 +142,80 @@ def bench_api(out_dir: Path, runs: int, batch: int, server_args: str, project: i
     click.echo(f"report: {out_dir / 'api-bench.json'}", err=True)
 
 
+@click.command("bench-api")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-out"), show_default=True)
+@click.option("--runs", type=int, default=5, show_default=True, help="Repetitions of each measurement.")
+@click.option("--batch", type=int, default=16, show_default=True, help="Tasks in the large request.")
+@click.option("--server-args", default="", help="Extra arguments for `python -m backend.ls`, e.g. '--threads 8'.")
+@click.option("--project", type=int, default=None,
+              help="Project id to send (its trained model is served); default: none, the zero-shot model.")
+def bench_api(out_dir: Path, runs: int, batch: int, server_args: str, project: int | None) -> None:
+    """Median /predict latency of a running server: 1 and BATCH tasks, cold and warm features.
+
+    Starts the backend on a free port, sends real photos as tasks (cold: bytes the feature
+    cache has never seen; warm: the same tasks again), and writes api-bench.json and
+    api-bench.md to --out."""
+    import requests
+
+    images = _images_dir(out_dir)
+    salt = uuid.uuid4().hex[:8]
+    photos = _base_photos()
+    warmup = _variants(photos, 1, images, salt + "w")
+    singles = _variants(photos, runs, images, salt + "s")
+    batches = [_variants(photos[r % len(photos):] + photos, batch, images, f"{salt}b{r}") for r in range(runs)]
+    config = BENCH_CONFIG.format(choices="\n    ".join(f'<Choice value="{n}"/>' for n in BENCH_LABELS))
+
+    server = _start_server(images, server_args, out_dir / "server.log")
+    session = requests.Session()
+
+    def predict(paths: list[str]) -> float:
+        tasks = [{"id": i + 1, "data": {"image": p}} for i, p in enumerate(paths)]
+        body = {"tasks": tasks, "label_config": config,
+                "params": {"login": None, "password": None, "context": None}}
+        if project is not None:
+            body["project"] = f"{project}.0"
+        t0 = time.perf_counter()
+        resp = session.post(server.url + "/predict", json=body, timeout=300)
+        elapsed = time.perf_counter() - t0
+        resp.raise_for_status()
+        results = resp.json()["results"]
+        bad = [r for r in results if "result" not in r]
+        if len(results) != len(paths) or bad:
+            raise click.ClickException(f"/predict answered {len(results)} results, errors: {bad[:2]}")
+        return elapsed
+
+    try:
+        health = session.get(server.url + "/health", timeout=5).json()
+        predict(warmup)  # label-space text embeddings and first-call costs, not measured
+        timings = {"cold_1": [], "warm_1": [], f"cold_{batch}": [], f"warm_{batch}": []}
+        for r in range(runs):
+            timings["cold_1"].append(predict([singles[r]]))
+            timings["warm_1"].append(predict([singles[r]]))
+            timings[f"cold_{batch}"].append(predict(batches[r]))
+            timings[f"warm_{batch}"].append(predict(batches[r]))
+            click.echo(f"run {r + 1}/{runs}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in timings.items()),
+                       err=True)
+        health_times = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            session.get(server.url + "/health", timeout=5).raise_for_status()
+            health_times.append(time.perf_counter() - t0)
+    finally:
+        server.stop()
+    _write_api_report(out_dir, server, health, project, runs, batch, timings, health_times)
+
+
 # ---------------------------------------------------------------------------- bench-attack
 def _percentile(values, q: float) -> float:
     ordered = sorted(values)
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4)
 
 
-@click.command("bench-attack")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-out"), show_default=True)
-@click.option("--labels", "n_labels", type=int, default=5000, show_default=True,
-              help="Choices of the large label config (new, never embedded before).")
-@click.option("--concurrent", type=int, default=50, show_default=True, help="Small /predict requests at once.")
-@click.option("--waves", type=int, default=3, show_default=True,
-              help="Waves of concurrent small requests while the large config is being embedded.")
-@click.option("--server-args", default="--threads 8", show_default=True, help="Arguments for `python -m backend.ls`.")
-def bench_attack(out_dir: Path, n_labels: int, concurrent: int, waves: int, server_args: str) -> None:
-    """Small /predict requests while a large new label config is being embedded.
-
-    Starts the backend, warms a 10-label config and a few images, then sends one /predict
-    with an N-label config nobody has embedded yet and, while it runs, waves of CONCURRENT
-    one-task requests with the small config. Writes attack-bench.json / .md to --out with the
-    small requests' latency percentiles, before and during the embedding."""
+def _write_attack_report(out_dir: Path, n_labels, concurrent, waves, server_args, baseline, during, during_flags,
+                         large_s, large_status, large_total) -> None:
+    """attack-bench.json and attack-bench.md from the measured latencies."""
     import platform
-    from concurrent.futures import ThreadPoolExecutor
 
-    import requests
-
-    from backend.ls.server import ServerProcess
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    images = (out_dir / "images").resolve()
-    images.mkdir(exist_ok=True)
-    salt = uuid.uuid4().hex[:8]
-    small_images = _variants(_base_photos(), 4, images, salt + "a")
-    small = BENCH_CONFIG.format(choices="\n    ".join(f'<Choice value="{n}"/>' for n in BENCH_LABELS))
-    large = BENCH_CONFIG.format(choices="\n    ".join(f'<Choice value="item {salt} {i}"/>' for i in range(n_labels)))
-    env = {"SEMLABEL_IMAGES__LOCAL_ROOTS": json.dumps([str(images)]), "SEMLABEL_BACKEND__REVIEW__ENABLED": "false",
-           "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-    server = ServerProcess(env=env, args=tuple(server_args.split()), log_path=out_dir / "attack-server.log")
-    click.echo(f"starting the backend on {server.url} ...", err=True)
-    server.start()
-
-    def predict(path: str, cfg: str, timeout: float = 60) -> tuple[float, int]:
-        body = {"tasks": [{"id": 1, "data": {"image": path}}], "label_config": cfg}
-        t0 = time.perf_counter()
-        resp = requests.post(server.url + "/predict", json=body, timeout=timeout)
-        return time.perf_counter() - t0, resp.status_code
-
-    def wave(pool) -> list[tuple[float, int]]:
-        jobs = [pool.submit(predict, small_images[i % len(small_images)], small) for i in range(concurrent)]
-        return [j.result() for j in jobs]
-
-    try:
-        for path in small_images:
-            predict(path, small)  # labels embedded, features cached: the small requests are warm
-        with ThreadPoolExecutor(max_workers=concurrent + 1) as pool:
-            baseline = wave(pool)
-            t0 = time.perf_counter()
-            large_job = pool.submit(predict, small_images[0], large, 900)
-            time.sleep(1.0)  # the large request is in the server, embedding
-            during, during_flags = [], []
-            for _ in range(waves):
-                results = wave(pool)
-                during += results
-                during_flags.append(not large_job.done())
-            large_s, large_status = large_job.result()
-            large_total = time.perf_counter() - t0
-    finally:
-        server.stop()
     ok = [t for t, status in during if status == 200]
     report = {
         "labels": n_labels,
@@ -295,5 +255,62 @@ def bench_attack(out_dir: Path, n_labels: int, concurrent: int, waves: int, serv
     ]
     (out_dir / "attack-bench.md").write_text("\n".join(md) + "\n")
     click.echo("\n".join(md))
+
+
+@click.command("bench-attack")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-out"), show_default=True)
+@click.option("--labels", "n_labels", type=int, default=5000, show_default=True,
+              help="Choices of the large label config (new, never embedded before).")
+@click.option("--concurrent", type=int, default=50, show_default=True, help="Small /predict requests at once.")
+@click.option("--waves", type=int, default=3, show_default=True,
+              help="Waves of concurrent small requests while the large config is being embedded.")
+@click.option("--server-args", default="--threads 8", show_default=True, help="Arguments for `python -m backend.ls`.")
+def bench_attack(out_dir: Path, n_labels: int, concurrent: int, waves: int, server_args: str) -> None:
+    """Small /predict requests while a large new label config is being embedded.
+
+    Starts the backend, warms a 10-label config and a few images, then sends one /predict
+    with an N-label config nobody has embedded yet and, while it runs, waves of CONCURRENT
+    one-task requests with the small config. Writes attack-bench.json / .md to --out with the
+    small requests' latency percentiles, before and during the embedding."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    images = _images_dir(out_dir)
+    salt = uuid.uuid4().hex[:8]
+    small_images = _variants(_base_photos(), 4, images, salt + "a")
+    small = BENCH_CONFIG.format(choices="\n    ".join(f'<Choice value="{n}"/>' for n in BENCH_LABELS))
+    large = BENCH_CONFIG.format(choices="\n    ".join(f'<Choice value="item {salt} {i}"/>' for i in range(n_labels)))
+    server = _start_server(images, server_args, out_dir / "attack-server.log")
+
+    def predict(path: str, cfg: str, timeout: float = 60) -> tuple[float, int]:
+        body = {"tasks": [{"id": 1, "data": {"image": path}}], "label_config": cfg}
+        t0 = time.perf_counter()
+        resp = requests.post(server.url + "/predict", json=body, timeout=timeout)
+        return time.perf_counter() - t0, resp.status_code
+
+    def wave(pool) -> list[tuple[float, int]]:
+        jobs = [pool.submit(predict, small_images[i % len(small_images)], small) for i in range(concurrent)]
+        return [j.result() for j in jobs]
+
+    try:
+        for path in small_images:
+            predict(path, small)  # labels embedded, features cached: the small requests are warm
+        with ThreadPoolExecutor(max_workers=concurrent + 1) as pool:
+            baseline = wave(pool)
+            t0 = time.perf_counter()
+            large_job = pool.submit(predict, small_images[0], large, 900)
+            time.sleep(1.0)  # the large request is in the server, embedding
+            during, during_flags = [], []
+            for _ in range(waves):
+                results = wave(pool)
+                during += results
+                during_flags.append(not large_job.done())
+            large_s, large_status = large_job.result()
+            large_total = time.perf_counter() - t0
+    finally:
+        server.stop()
+    _write_attack_report(out_dir, n_labels, concurrent, waves, server_args, baseline, during, during_flags,
+                         large_s, large_status, large_total)
     if not all(during_flags):
         click.echo("note: the large config finished embedding before the last wave; raise --labels", err=True)

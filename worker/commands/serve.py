@@ -68,7 +68,7 @@ def suggest(project, url, token, limit, dry_run) -> None:
     from tqdm.auto import tqdm
 
     from backend.errors import SemlabelError
-    from backend.ls.review import store_review_prediction
+    from backend.ls.review_store import store_review_prediction
     from backend.ls.service import BackendService
     from backend.settings import get_settings
 
