@@ -234,7 +234,7 @@ def features_gc(max_gb: float | None, max_age_days: float | None) -> None:
 
 # The other commands, one module per area (each imports its heavy parts only when run).
 from worker.commands import model as _model_commands  # noqa: E402  train, eval, bench, paper
-from worker.bench import latency as _latency_commands  # noqa: E402  bench-api, bench-attack
+from worker import bench_latency as _latency_commands  # noqa: E402  bench-api, bench-attack
 from worker.commands import serve as _serve_commands  # noqa: E402  serve, suggest
 from worker.commands import spot as _spot_commands  # noqa: E402  bench-spot
 from worker.commands import worker as _worker_commands  # noqa: E402  worker, models
