@@ -15,6 +15,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -211,6 +212,14 @@ class LabelSpace:
     @property
     def names(self) -> list[str]:
         return [label.name for label in self.labels]
+
+    @cached_property
+    def digest(self) -> str:
+        """SHA-256 of the names and the embedding matrix, computed once per space (a space is
+        not changed after it is built): what caches of derived tensors are keyed by."""
+        digest = hashlib.sha256("\x1f".join(self.names).encode())
+        digest.update(self.embeddings.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()
 
     def __len__(self) -> int:
         return len(self.labels)

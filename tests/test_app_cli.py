@@ -1,11 +1,14 @@
-"""`semlabel serve`, `suggest` and `bench-api` as commands (real server processes)."""
+"""`semlabel serve`, `python -m backend.ls`, `suggest` and `bench-api` as commands (real server
+processes)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -28,6 +31,51 @@ def test_serve_help_lists_its_options():
     assert result.exit_code == 0
     for option in ("--host", "--port", "--workers", "--threads", "--with-worker"):
         assert option in result.output
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_the_backend_runs_from_a_tree_without_worker(tmp_path, session_data_dir):
+    """What the backend image holds: backend/ and configs/ only. `python -m backend.ls` starts
+    there and answers /health and a /predict of a real photo; any import of `worker` fails
+    loudly (a `worker` package ahead on the path raises ImportError)."""
+    import requests
+
+    from backend.ls.server import ServerProcess
+    from tests.helpers.photos import copy_photos
+
+    tree = tmp_path / "tree"
+    for part in ("backend", "configs"):
+        shutil.copytree(REPO / part, tree / part, ignore=shutil.ignore_patterns("__pycache__"))
+    blocker = tmp_path / "blocker" / "worker"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text('raise ImportError("the backend imported worker/")\n')
+    photos = copy_photos(tmp_path / "photos", names=("dog",))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BASIC_AUTH_", "SEMLABEL_AUTH__", "LABEL_STUDIO_"))}
+    env.update({"PYTHONPATH": os.pathsep.join([str(blocker.parent), str(tree)]),
+                "SEMLABEL_DATA_DIR": str(session_data_dir), "HF_HUB_OFFLINE": "1",
+                "SEMLABEL_BACKBONE__KIND": "packaged", "SEMLABEL_BACKEND__REVIEW__ENABLED": "false",
+                "SEMLABEL_IMAGES__LOCAL_ROOTS": json.dumps([str(photos)]), "REDIS_URL": "redis://127.0.0.1:1/0",
+                "SEMLABEL_REDIS__SPOOL__DIR": str(tmp_path / "spool")})
+    server = ServerProcess(env={}, cwd=tree, log_path=tmp_path / "backend.log")
+    server.env = env
+    with server:
+        health = requests.get(server.url + "/health", timeout=10).json()
+        assert health["status"] == "UP" and health["backbone"].startswith("packaged:")
+        xml = ('<View><Image name="image" value="$image"/><Choices name="labels" toName="image" '
+               'choice="multiple"><Choice value="dog"/><Choice value="rocket"/><Choice value="coffee cup"/>'
+               '</Choices></View>')
+        resp = requests.post(server.url + "/predict", timeout=120, json={
+            "tasks": [{"id": 1, "data": {"image": str(photos / "dog.jpg")}}], "label_config": xml})
+        assert resp.status_code == 200, resp.text
+        region = resp.json()["results"][0]["result"][0]
+        assert next(iter(region["meta"]["scores"])) == "dog"
+    assert "ImportError" not in server.log_tail(200)
+    where = subprocess.run([sys.executable, "-c", "import backend.ls.app, sys; print(backend.ls.app.__file__); "
+                            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'worker'))"],
+                           env=env, cwd=tree, capture_output=True, text=True, timeout=120)
+    assert where.stdout.splitlines() == [str(tree / "backend" / "ls" / "app.py"), "[]"], where.stderr[-2000:]
 
 
 def test_bench_api_measures_a_real_server(tmp_path, session_data_dir):

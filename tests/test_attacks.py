@@ -576,11 +576,11 @@ def test_f5_new_labels_are_embedded_outside_the_compute_lock(build, settings, ph
     t = threading.Thread(target=embed)
     t.start()
     started.wait()
-    while not service._embedding.locked() and t.is_alive():
+    while not service.spaces.embedding.locked() and t.is_alive():
         time.sleep(0.005)
-    assert service._embedding.locked(), "the large label set was not being embedded"
+    assert service.spaces.embedding.locked(), "the large label set was not being embedded"
     out = predict(c, [task(1, "dog", photos)])
-    still_embedding = service._embedding.locked()
+    still_embedding = service.spaces.embedding.locked()
     t.join(600)
     assert next(iter(choices_of(out["results"][0])["meta"]["scores"])) == "dog"
     assert still_embedding, "the small request waited for the large label set"

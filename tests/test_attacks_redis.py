@@ -126,7 +126,7 @@ def test_a_setup_made_while_redis_is_down_is_recorded_when_it_returns_without_th
     service = backend.extensions["semlabel"]
     token = "tok-" + "s3cr3t" * 6
     private_redis.kill()
-    service.remember_setup("8", "http://127.0.0.1:8080", token)
+    service.connections.remember_setup("8", "http://127.0.0.1:8080", token)
     assert not service.events.spool.empty()
     private_redis.start()
     wait_until(service.events.spool.empty, 60, "the /setup record to be replayed")

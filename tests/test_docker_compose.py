@@ -88,6 +88,7 @@ def test_production_compose_file_validates_and_wires_the_stack():
     assert services["backend"]["environment"]["BASIC_AUTH_USER"] == "u"
     assert services["backend"]["environment"]["BASIC_AUTH_PASS"] == "p"
     assert services["worker"]["command"] == ["semlabel", "worker"]
+    assert services["backend"]["command"][:3] == ["python", "-m", "backend.ls"]  # an image without worker/
     assert {"models", "features", "redis-data", "label-studio-data", "weights"} <= set(cfg["volumes"])
     # The backend's disk spool and token store survive a recreated container.
     backend = _volumes(services["backend"])
@@ -126,6 +127,9 @@ def test_dockerfiles_copy_what_exists_and_run_real_commands():
         for src in re.findall(r"^COPY (\S+) ", text, re.M):
             assert (REPO / src).exists(), f"{name}: COPY {src} does not exist"
         assert (DOCKER / f"{name}.dockerignore").is_file()
+    backend = (DOCKER / "Dockerfile.backend").read_text()
+    assert not re.search(r"^COPY worker", backend, re.M), "the backend image must not need worker/"
+    assert '"-m", "backend.ls"' in backend and "!worker/" not in (DOCKER / "Dockerfile.backend.dockerignore").read_text()
     runner = CliRunner()
     assert runner.invoke(main, ["worker", "--help"]).exit_code == 0
     assert "--healthcheck" in runner.invoke(main, ["worker", "--help"]).output

@@ -60,9 +60,9 @@ def test_a_job_queued_while_no_backend_runs_is_handled_by_the_next_one(service, 
     producer.push(redis_conn, [{"kind": "delete", "project": "5", "annotation_ids": [1]}])
     assert redis_conn.xlen(producer.key) == 1
     consumer = ReviewQueue(service)  # a backend process starting later
-    before = metrics.value(metrics.REVIEWS, outcome="skipped")
+    before = metrics.sample("semlabel_review_jobs_total", outcome="skipped")
     assert consumer.drain(redis_conn) == 1
-    assert metrics.value(metrics.REVIEWS, outcome="skipped") == before + 1  # nothing to delete
+    assert metrics.sample("semlabel_review_jobs_total", outcome="skipped") == before + 1  # nothing to delete
     assert redis_conn.xlen(producer.key) == 0
     assert redis_conn.xpending(producer.key, GROUP)["pending"] == 0
 
@@ -84,15 +84,15 @@ def test_a_job_taken_by_a_process_that_died_is_claimed_by_another(service, redis
 def test_a_failing_job_is_retried_then_dropped(service, redis_conn):
     queue = ReviewQueue(service)
     queue.push(redis_conn, [_review_job()])  # project 5 has no Label Studio host: it cannot succeed
-    retried = metrics.value(metrics.REVIEWS, outcome="retried")
-    failed = metrics.value(metrics.REVIEWS, outcome="failed")
+    retried = metrics.sample("semlabel_review_jobs_total", outcome="retried")
+    failed = metrics.sample("semlabel_review_jobs_total", outcome="failed")
     assert queue.drain(redis_conn) == 1  # attempt 1
     assert redis_conn.xpending(queue.key, GROUP)["pending"] == 1
     for _ in range(2):  # attempts 2 and 3, after retry_after_s each
         time.sleep(0.3)
         assert queue.claim_stale(redis_conn) == 1
-    assert metrics.value(metrics.REVIEWS, outcome="retried") == retried + 2
-    assert metrics.value(metrics.REVIEWS, outcome="failed") == failed + 1
+    assert metrics.sample("semlabel_review_jobs_total", outcome="retried") == retried + 2
+    assert metrics.sample("semlabel_review_jobs_total", outcome="failed") == failed + 1
     assert redis_conn.xlen(queue.key) == 0 and redis_conn.xpending(queue.key, GROUP)["pending"] == 0
 
 

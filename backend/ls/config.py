@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from ..errors import ConfigError
 from ..labels import Label
+from ..lru import LRU
+from .guard import clip
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,40 @@ def _labels_of(control) -> tuple[Label, ...]:
     return tuple(out)
 
 
+def _bindings_of(control, image_tag, notes: list[str], seen_other: list[str]) -> list[Binding]:
+    """The bindings of one ``<Choices>`` (one per ``<Image>`` it labels); why it is not
+    served goes to ``notes``, its non-image targets to ``seen_other``."""
+    attr = control.attr or {}
+    images = [o for o in control.objects if isinstance(o, image_tag)]
+    for o in control.objects:
+        if not isinstance(o, image_tag):
+            seen_other.append(f"<Choices name={control.name!r}> is bound to <{o.tag} name={o.name!r}>")
+    if not images:
+        return []
+    if str(attr.get("perRegion", "")).lower() in _TRUE:
+        notes.append(f"<Choices name={control.name!r}> is per region; not served")
+        return []
+    if str(attr.get("value", "")).startswith("$"):
+        notes.append(f"<Choices name={control.name!r}> takes its choices from task data; not served")
+        return []
+    labels = _labels_of(control)
+    if not labels:
+        notes.append(f"<Choices name={control.name!r}> has no <Choice>; not served")
+        return []
+    names = [l.name for l in labels]
+    if len(set(names)) != len(names):
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"<Choices name={control.name!r}> has duplicate choices {dupes}")
+    out = []
+    for image in images:
+        value = image.value or ""
+        data_key = image.value_name if value.startswith("$") else None
+        out.append(Binding(control=control.name, object=image.name, data_key=data_key,
+                           constant=None if data_key else value, multiple=bool(control.is_multiple_choice),
+                           labels=labels))
+    return out
+
+
 def _parse(xml: str, reasons_name: str) -> ProjectConfig:
     from label_studio_sdk.label_interface import LabelInterface
     from label_studio_sdk.label_interface.control_tags import ChoicesTag, TextAreaTag
@@ -145,42 +179,8 @@ def _parse(xml: str, reasons_name: str) -> ProjectConfig:
     notes: list[str] = []
     seen_other: list[str] = []
     for control in li.controls:
-        if not isinstance(control, ChoicesTag):
-            continue
-        attr = control.attr or {}
-        images = [o for o in control.objects if isinstance(o, ImageTag)]
-        others = [o for o in control.objects if not isinstance(o, ImageTag)]
-        for o in others:
-            seen_other.append(f"<Choices name={control.name!r}> is bound to <{o.tag} name={o.name!r}>")
-        if not images:
-            continue
-        if str(attr.get("perRegion", "")).lower() in _TRUE:
-            notes.append(f"<Choices name={control.name!r}> is per region; not served")
-            continue
-        if str(attr.get("value", "")).startswith("$"):
-            notes.append(f"<Choices name={control.name!r}> takes its choices from task data; not served")
-            continue
-        labels = _labels_of(control)
-        if not labels:
-            notes.append(f"<Choices name={control.name!r}> has no <Choice>; not served")
-            continue
-        names = [l.name for l in labels]
-        if len(set(names)) != len(names):
-            dupes = sorted({n for n in names if names.count(n) > 1})
-            raise ConfigError(f"<Choices name={control.name!r}> has duplicate choices {dupes}")
-        for image in images:
-            value = image.value or ""
-            data_key = image.value_name if value.startswith("$") else None
-            bindings.append(
-                Binding(
-                    control=control.name,
-                    object=image.name,
-                    data_key=data_key,
-                    constant=None if data_key else value,
-                    multiple=bool(control.is_multiple_choice),
-                    labels=labels,
-                )
-            )
+        if isinstance(control, ChoicesTag):
+            bindings.extend(_bindings_of(control, ImageTag, notes, seen_other))
     if not bindings:
         found = "; ".join(seen_other + notes) or "no <Choices> at all"
         raise ConfigError(
@@ -196,33 +196,58 @@ def _parse(xml: str, reasons_name: str) -> ProjectConfig:
     return ProjectConfig(config_digest(xml), tuple(bindings), reasons, tuple(notes + seen_other))
 
 
-class ConfigCache:
-    """LRU cache of parsed configs by their hash (thread-safe)."""
+def check_size(xml: str, limits) -> None:
+    """Refuse, before parsing, a label config over ``limits.max_label_config_chars`` or one
+    with a DTD or entities (ConfigError, a 400)."""
+    if len(xml) > limits.max_label_config_chars:
+        raise ConfigError(f"label config of {len(xml)} characters, over "
+                          f"limits.max_label_config_chars={limits.max_label_config_chars}")
+    if "<!DOCTYPE" in xml[:4096].upper() or "<!ENTITY" in xml.upper():
+        raise ConfigError("a label config with a DTD or entities is not accepted")
 
-    def __init__(self, reasons_name: str = "semlabel_reasons", size: int = 64):
+
+def check_labels(config: ProjectConfig, limits) -> None:
+    """Refuse a parsed config with more than ``limits.max_labels`` choices in one
+    ``<Choices>`` or a choice text longer than ``limits.max_label_chars``."""
+    for b in config.bindings:
+        if len(b.labels) > limits.max_labels:
+            raise ConfigError(f"<Choices name={clip(b.control, 40)!r}> has {len(b.labels)} choices, over "
+                              f"limits.max_labels={limits.max_labels}")
+        for label in b.labels:
+            for text in (label.name, *label.texts):
+                if len(text) > limits.max_label_chars:
+                    raise ConfigError(f"a choice of {len(text)} characters ({clip(text, 40)}), over "
+                                      f"limits.max_label_chars={limits.max_label_chars}")
+
+
+class ConfigCache:
+    """Parsed configs by their hash, the ``size`` most recently used (thread-safe); a config
+    that fails (ConfigError) is remembered as failing. With ``limits`` (the settings'
+    ``limits`` section) a config over them fails too (:func:`check_size`, :func:`check_labels`)."""
+
+    def __init__(self, reasons_name: str = "semlabel_reasons", size: int = 64, limits=None):
         self.reasons_name = reasons_name
-        self.size = size
-        self._items: OrderedDict[str, ProjectConfig | ConfigError] = OrderedDict()
-        self._lock = threading.Lock()
+        self.limits = limits
+        self._items: LRU[str, ProjectConfig | ConfigError] = LRU(size)
 
     def get(self, xml: str) -> ProjectConfig:
-        key = config_digest(xml if isinstance(xml, str) else "")
-        with self._lock:
-            hit = self._items.get(key)
-            if hit is not None:
-                self._items.move_to_end(key)
-        if hit is None:
-            try:
-                hit = _parse(xml, self.reasons_name)
-            except ConfigError as exc:
-                hit = exc
-            with self._lock:
-                self._items[key] = hit
-                while len(self._items) > self.size:
-                    self._items.popitem(last=False)
+        if not isinstance(xml, str) or not xml.strip():
+            raise ConfigError("no label config in the request ('label_config' or 'schema')")
+        if self.limits is not None:
+            check_size(xml, self.limits)  # before hashing or parsing anything large
+        hit = self._items.get_or_create(config_digest(xml), lambda: self._parse(xml))
         if isinstance(hit, ConfigError):
             raise ConfigError(str(hit))
         return hit
+
+    def _parse(self, xml: str) -> ProjectConfig | ConfigError:
+        try:
+            config = _parse(xml, self.reasons_name)
+            if self.limits is not None:
+                check_labels(config, self.limits)
+            return config
+        except ConfigError as exc:
+            return exc
 
 
 def parse_label_config(xml: str, reasons_name: str = "semlabel_reasons") -> ProjectConfig:

@@ -74,6 +74,7 @@ def render() -> tuple[bytes, str]:
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 
-def value(counter, **labels) -> float:
-    """Current value of a labelled counter in this process (tests, debugging)."""
-    return counter.labels(**labels)._value.get()
+def sample(name: str, **labels: str) -> float:
+    """The current value of the sample ``name`` (e.g. ``semlabel_review_jobs_total``) with
+    these labels in this process's registry; 0 when it has not been counted yet."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0

@@ -9,7 +9,10 @@ parts — backbone, feature cache, served models — live in the process's share
 label-studio-ml 1.0.9's own Flask server is not used: against Label Studio 1.23 it answers
 ``GET /versions`` with 405, fails ``/predict`` before ``/setup`` in the same process, re-creates
 the model on every ``/setup``, drops ``START_TRAINING`` and ``ANNOTATIONS_DELETED`` and lets
-webhook jobs collide within a second. :mod:`.app` serves every route itself with this class.
+webhook jobs collide within a second. :mod:`.app` serves every route itself and calls
+:class:`~.predict.Predictions` directly; this class is not on that path. It is kept as the
+label-studio-ml contract semlabel promises (README, *The pinned web stack*): code written for
+``LabelStudioMLBase`` — label-studio-ml's own server or tools — can drive semlabel through it.
 """
 
 from __future__ import annotations
@@ -35,22 +38,11 @@ LabelStudioMLBase = _import_base()
 class SemlabelModel(LabelStudioMLBase):
     """One project's model as label-studio-ml sees it."""
 
-    # Every Label Studio event that matters; label-studio-ml 1.0.9 lists four (one misspelt).
-    TRAIN_EVENTS = (
-        "ANNOTATION_CREATED",
-        "ANNOTATIONS_CREATED",
-        "ANNOTATION_UPDATED",
-        "ANNOTATIONS_DELETED",
-        "ANNOTATION_DELETED",
-        "START_TRAINING",
-        "PROJECT_UPDATED",
-    )
-
     def __init__(self, service, project: str | None = None, label_config: str | None = None, **kwargs):
         super().__init__(label_config=label_config, **kwargs)
         self.service = service
         self.project = project
-        self.config = service.project_config(label_config) if label_config else None
+        self.config = service.configs.get(label_config) if label_config else None
 
     @property
     def model_version(self) -> str:
@@ -59,7 +51,8 @@ class SemlabelModel(LabelStudioMLBase):
     def predict(self, tasks, context: Any = None, **kwargs) -> list[dict]:
         """One prediction per task, in order; with ``context`` (interactive pre-annotation)
         the annotator's partial choices plus suggestions with reasons."""
-        entries, _ = self.service.predict(self.project, self.label_config, list(tasks), context)
+        config = self.config or self.service.configs.get(self.label_config)
+        entries, _ = self.service.predictions.predict(self.project, config, list(tasks), context)
         return entries
 
     def fit(self, tasks, workdir=None, event: str | None = None, data: dict | None = None, **kwargs) -> dict:

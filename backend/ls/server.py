@@ -1,5 +1,5 @@
-"""Running the app: gunicorn in-process (``semlabel serve``) and as a child process (tests, the
-latency benchmark).
+"""Running the app: gunicorn in-process (``python -m backend.ls``, ``semlabel serve``) and as a
+child process (tests, the latency benchmark). Needs ``backend`` only.
 
 One process holds one model: with ``--workers N`` every worker loads the backbone itself, so on a
 CPU machine prefer one worker with several threads (requests share the model; the compute is
@@ -22,6 +22,8 @@ from typing import Callable
 
 from gunicorn.workers.gthread import ThreadWorker
 
+from ..errors import ConfigError
+
 DEFAULT_PORT = 9090
 
 
@@ -42,6 +44,61 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def check_bind(host: str, *, insecure: bool = False) -> str | None:
+    """ConfigError when serving on ``host`` would expose an unauthenticated backend (or the
+    credentials are half set); with ``insecure``, the warning to print instead."""
+    from ..settings import get_settings
+    from .auth import auth_configured
+
+    if auth_configured(get_settings()) or is_loopback(host):
+        return None
+    if not insecure:
+        raise ConfigError(
+            f"refusing to serve on {host} without credentials: anyone who can reach that address "
+            "could send forged annotation webhooks (training data) and /setup requests. Set "
+            "BASIC_AUTH_USER and BASIC_AUTH_PASS (Label Studio: the model's basic-auth fields) or "
+            "SEMLABEL_AUTH__URL_SECRET (connect the model as http://host:port/<secret>), serve on "
+            "127.0.0.1, or pass --insecure if the network is trusted.")
+    return f"serving on {host} WITHOUT authentication (--insecure)"
+
+
+def serve(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, workers: int = 1, threads: int = 4,
+          timeout: int = 120, access_log: bool = False, insecure: bool = False) -> None:
+    """Serve the Label Studio ML backend with gunicorn (blocks); ConfigError before anything
+    starts when :func:`check_bind` refuses ``host``."""
+    warning = check_bind(host, insecure=insecure)
+    if warning:
+        print(f"semlabel: WARNING: {warning}", file=sys.stderr, flush=True)
+
+    def factory():
+        from .app import create_app
+
+        return create_app()
+
+    print(f"semlabel: serving on http://{host}:{port} ({workers} worker(s) x {threads} thread(s))",
+          file=sys.stderr, flush=True)
+    run_gunicorn(factory, host=host, port=port, workers=workers, threads=threads, timeout=timeout,
+                 access_log=access_log)
+
+
+def setup_logging(verbose: int = 0) -> None:
+    """One line per record on stderr (``semlabel: LEVEL: message``); third-party libraries
+    at errors only."""
+    import logging
+
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("semlabel: %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("sentence_transformers", "transformers", "huggingface_hub", "urllib3"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 class QuitOnceThreadWorker(ThreadWorker):
@@ -109,11 +166,13 @@ def run_gunicorn(factory: Callable, *, host: str, port: int, workers: int = 1, t
 
 
 class ServerProcess:
-    """``semlabel serve`` as a child process on a free port, ready when ``/health`` says so."""
+    """The backend (``python -m backend.ls``) as a child process on a free port, ready when
+    ``/health`` says so; ``args``: more of its options (``--threads 8``)."""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int | None = None, env: dict | None = None,
-                 args: tuple[str, ...] = (), log_path: str | Path | None = None):
+                 args: tuple[str, ...] = (), log_path: str | Path | None = None, cwd: str | Path | None = None):
         self.host = host
+        self.cwd = cwd
         self.port = port or free_port(host)
         self.env = {**os.environ, **(env or {})}
         self.args = tuple(args)
@@ -126,8 +185,7 @@ class ServerProcess:
         return f"http://{self.host}:{self.port}"
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "worker.cli", "serve", "--host", self.host, "--port", str(self.port),
-                *self.args]
+        return [sys.executable, "-m", "backend.ls", "--host", self.host, "--port", str(self.port), *self.args]
 
     def start(self, timeout: float = 180.0) -> "ServerProcess":
         return self.launch().wait_ready(timeout)
@@ -137,7 +195,7 @@ class ServerProcess:
         self._started = time.perf_counter()
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.command(), env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, cwd=self.cwd)
         log.close()
         return self
 
@@ -148,7 +206,7 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"semlabel serve exited with {self.proc.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(f"the backend exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 if requests.get(self.url + "/health", timeout=2).status_code == 200:
                     self.ready_in_s = round(time.perf_counter() - started, 2)
@@ -157,7 +215,7 @@ class ServerProcess:
                 pass
             time.sleep(0.25)
         self.stop()
-        raise TimeoutError(f"semlabel serve not ready after {timeout:.0f} s:\n{self.log_tail()}")
+        raise TimeoutError(f"the backend is not ready after {timeout:.0f} s:\n{self.log_tail()}")
 
     def log_tail(self, n: int = 60) -> str:
         try:

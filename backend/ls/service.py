@@ -1,38 +1,32 @@
-"""The backend's per-process state and the one path every prediction takes.
+"""The backend's per-process state: one :class:`BackendService` per process, shared by all
+request threads.
 
-task → image source (the label config's ``<Image>`` variable) → bytes (``ImageLoader``, with the
-project's Label Studio connection) → features (``FeatureStore``, cached by content hash) →
-predictor (``ServedModels.get(project)``: the project's current trained version, else zero-shot)
-→ probabilities / suggestions → Label Studio JSON (:mod:`.results`).
-
-One :class:`BackendService` per process, shared by all request threads: it loads the backbone
-once (in a background thread, so ``/health`` answers at once), keeps the served models current
-(the model store's watcher swaps new versions in; requests in flight keep the object they hold),
-caches parsed label configs and label spaces by content, and serialises the CPU/GPU work
-(feature extraction and heads) with one lock while image downloads run in parallel.
+It loads the backbone once (in a background thread, so ``/health`` answers at once), keeps the
+served models current (the model store's watcher swaps new versions in; requests in flight
+keep the object they hold) and names the version each project is served with. The concepts it
+holds each live in their own module: parsed label configs (:class:`~.config.ConfigCache`), the
+Label Studio of each project (:class:`~.connection.Connections`), the tasks' image features
+(:class:`~.fetch.TaskImages`), the label spaces (:class:`~.spaces.LabelSpaces`) and the
+predictions themselves (:class:`~.predict.Predictions`). One lock serialises the CPU/GPU work
+(feature extraction and heads) while image downloads run in parallel.
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Mapping, Sequence
 
-from ..errors import ConfigError, ImageError, RedisUnavailable
-from ..features import Features
-from ..images import ImageLoader
-from ..redis.keys import keys_for
-from .setup_record import read_setup, setup_record
-from ..model.decision import preselect
+from ..errors import RedisUnavailable
 from ..settings import Settings, get_settings
 from ..queue.spool import EventRecorder
 from . import metrics, results
-from .config import Binding, ConfigCache, ProjectConfig, TaskDataError
-from .connection import LabelStudioConnection, choose_label_studio
+from .config import ConfigCache
+from .connection import Connections
+from .fetch import TaskImages
+from .predict import Predictions
+from .spaces import LabelSpaces
 
 log = logging.getLogger(__name__)
 
@@ -41,22 +35,6 @@ _AUTO = object()
 
 class NotReady(RuntimeError):
     """The model is still loading (or failed to load)."""
-
-
-def project_key(value: Any) -> str | None:
-    """Label Studio's project reference → the project id as a string.
-
-    ``/setup`` and ``/predict`` send ``"<id>.<created_at timestamp>"``; webhooks an object with
-    ``id``; the API an integer."""
-    if isinstance(value, Mapping):
-        value = value.get("id")
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return str(value)
-    text = str(value).strip()
-    head = text.split(".", 1)[0]
-    return head if head.isdigit() else None
 
 
 class BackendService:
@@ -77,33 +55,19 @@ class BackendService:
         self.store = getattr(served, "store", None)
         self._ready = threading.Event()
         self._load_error: str | None = None
-        self._compute = threading.Lock()
-        self._embedding = threading.Lock()
-        self._spaces: OrderedDict[tuple, Any] = OrderedDict()
-        self._spaces_lock = threading.Lock()
-        self.configs = ConfigCache(self.cfg.reasons_textarea)
-        self._setup: dict[str, tuple[str | None, str | None]] = {}
-        self._connections: dict[tuple[str, str | None], LabelStudioConnection] = {}
-        self._conn_lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="semlabel-fetch")
+        compute = threading.Lock()
+        self.configs = ConfigCache(self.cfg.reasons_textarea, limits=self.settings.limits)
         self._bg = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semlabel-bg")
         self._bg_lock = threading.Lock()
         self._bg_pending = 0
-        # (Label Studio URL, upload source) → content key of the image's features. Upload
-        # files never change (Label Studio names each with a random prefix), so a warm
-        # request for one reads its cached features without downloading the image again.
-        self._upload_keys: OrderedDict[tuple[str, str], str] = OrderedDict()
-        self._upload_lock = threading.Lock()
-        # (project, task id) → (when, choices per control) of the last spot answer: Label
-        # Studio saves the annotator's draft 5 s after a change, so two points in quick
-        # succession would otherwise lose the first point's label.
-        self._answers: OrderedDict[tuple, tuple[float, dict]] = OrderedDict()
-        self._answers_lock = threading.Lock()
-        self._taxonomy = None
+        taxonomy = None
         if self.cfg.taxonomy:
             from ..labels import Taxonomy
 
-            self._taxonomy = Taxonomy.from_yaml(self.cfg.taxonomy)
+            taxonomy = Taxonomy.from_yaml(self.cfg.taxonomy)
+        self.spaces = LabelSpaces(lambda: self.runtime, taxonomy)
+        self.images = TaskImages(self.settings, lambda: self.runtime, compute)
+        self.predictions = Predictions(self, self.images, self.spaces, compute)
         self._redis_auto = redis is _AUTO
         self._redis = None if redis is _AUTO else redis
         self._redis_checked = 0.0
@@ -118,6 +82,7 @@ class BackendService:
         # Webhook events and /setup records: to Redis within the webhook's deadline, else to
         # the disk spool and replayed in order when Redis answers (backend/spool.py).
         self.events = EventRecorder(self.settings, lambda: self.redis, start=start_threads)
+        self.connections = Connections(self.settings, self.events, lambda: self.redis)
         if self._redis_auto:
             self.redis  # first connection attempt now (logged when none answers)
         if runtime is not None and served is not None:
@@ -205,7 +170,7 @@ class BackendService:
             self.review.stop()
         if self.served is not None and hasattr(self.served, "close"):
             self.served.close()
-        self._pool.shutdown(wait=False)
+        self.images.close()
         self._bg.shutdown(wait=False)
 
     # -- redis -------------------------------------------------------------------------
@@ -306,369 +271,20 @@ class BackendService:
         out.append(self.zero_shot_version)
         return list(dict.fromkeys(out))
 
-    # -- label config ------------------------------------------------------------------
-    def project_config(self, xml: str) -> ProjectConfig:
-        return self.configs.get(xml)
-
-    def label_space(self, binding: Binding):
-        key = (binding.labels, id(self._taxonomy))
-        with self._spaces_lock:
-            hit = self._spaces.get(key)
-            if hit is not None:
-                self._spaces.move_to_end(key)
-                return hit
-        space = self.runtime.label_space(binding.labels, taxonomy=self._taxonomy)
-        with self._spaces_lock:
-            self._spaces[key] = space
-            while len(self._spaces) > 64:
-                self._spaces.popitem(last=False)
-        return space
-
-    # -- Label Studio connection -------------------------------------------------------
-    def remember_setup(self, project: str | None, hostname: str | None, token: str | None) -> None:
-        """Keep what ``/setup`` said about Label Studio (host, the project creator's token), in
-        this process and in Redis so every process of the backend can use it."""
-        if project is None:
+    def remember_tasks(self, project: str | None, tasks) -> None:
+        """Keep task data so a training job finds the images of annotated tasks (best effort, in
+        the background: a slow or absent Redis never delays a prediction)."""
+        if project is None or self.redis is None:
             return
-        hostname = hostname.strip().rstrip("/") if isinstance(hostname, str) and hostname.strip() else None
-        token = token.strip() if isinstance(token, str) and token.strip() else None
-        if hostname is None and token is None:
-            return
-        if self._setup.get(project) == (hostname, token):
-            return
-        self._setup[project] = (hostname, token)
-        try:  # Redis gets a reference to the token, never the token (backend/ls/setup_record.py)
-            self.events.record_hash(keys_for(self.settings).setup(project), setup_record(hostname, token, self.settings))
-        except Exception as exc:  # noqa: BLE001 - the in-process copy still works
-            log.warning("project %s: could not record the Label Studio host (%s)", project, exc)
+        from ..queue.eventlog import remember_tasks
 
-    def connection(self, project: str | None) -> LabelStudioConnection | None:
-        """The Label Studio to fetch images from and store predictions in: ``LABEL_STUDIO_URL`` /
-        ``LABEL_STUDIO_API_KEY`` when set, else what ``/setup`` sent for the project."""
-        url, token = self.settings.label_studio_url, self.settings.label_studio_api_key
-        setup = None
-        if (not url or not token) and project is not None:
-            setup = self._setup.get(project)
-            if setup is None and self.redis is not None:
-                try:
-                    setup = read_setup(self.redis, project, self.settings)
-                except Exception:  # noqa: BLE001
-                    setup = None
-                if setup is not None:
-                    self._setup[project] = setup
-        url, token = choose_label_studio(self.settings, setup)  # the operator's address only
-        if not url:
-            return None
-        with self._conn_lock:
-            conn = self._connections.get((url, token))
-            if conn is None:
-                try:
-                    conn = LabelStudioConnection(url, token)
-                except ValueError as exc:  # e.g. LABEL_STUDIO_URL without a scheme
-                    log.error("project %s: no Label Studio connection: %s", project, exc)
-                    return None
-                self._connections[(url, token)] = conn
-            return conn
+        def run():
+            try:
+                remember_tasks(self.redis, project, tasks, self.settings)
+            except Exception as exc:  # noqa: BLE001
+                log.debug("could not remember task data: %s", exc)
 
-    # -- images and features -----------------------------------------------------------
-    def features(self, sources: Sequence[str], conn: LabelStudioConnection | None, task_ids=None) -> list:
-        """Features (or the ImageError) of each source, in order. Label Studio uploads seen
-        before come straight from the feature cache; the other images are downloaded in
-        parallel outside the compute lock, each request into its own temporary directory,
-        removed afterwards (features are cached by content hash, not the files)."""
-        if not sources:
-            return []
-        store = self.runtime.features
-        remembered = [self._upload_key(conn, source) for source in sources]
-        known = {i: store.get(key) for i, key in enumerate(remembered) if key is not None}
-        known = {i: feats for i, feats in known.items() if feats is not None}
-        if known:
-            metrics.FEATURES.labels("cache").inc(len(known))
-        todo = [i for i in range(len(sources)) if i not in known]
-        fetched = self._fetch_features([sources[i] for i in todo], conn,
-                                       [task_ids[i] for i in todo] if task_ids else None) if todo else []
-        out = [known.get(i) for i in range(len(sources))]
-        for i, feats in zip(todo, fetched):
-            out[i] = feats
-            if isinstance(feats, Features) and _is_upload(sources[i]) and conn is not None:
-                self._remember_upload(conn, sources[i], feats.key)
-        return out
-
-    def _upload_key(self, conn, source: str) -> str | None:
-        if conn is None or not _is_upload(source):
-            return None
-        with self._upload_lock:
-            return self._upload_keys.get((conn.url, source))
-
-    def _remember_upload(self, conn, source: str, key: str) -> None:
-        with self._upload_lock:
-            self._upload_keys[(conn.url, source)] = key
-            self._upload_keys.move_to_end((conn.url, source))
-            while len(self._upload_keys) > 100_000:
-                self._upload_keys.popitem(last=False)
-
-    def _fetch_features(self, sources: Sequence[str], conn, task_ids) -> list:
-        downloads = self.settings.data_path / "downloads"
-        downloads.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=downloads) as tmp:
-            loader = ImageLoader(
-                self.settings.images, label_studio=conn,
-                local_roots=self.settings.images.local_roots, cache_dir=tmp,
-            )
-
-            def fetch(i):
-                try:
-                    return loader.fetch(sources[i], task_ids[i] if task_ids else None)
-                except ImageError as err:
-                    return err
-
-            if len(sources) == 1:
-                blobs = [fetch(0)]
-            else:
-                blobs = list(self._pool.map(fetch, range(len(sources))))
-        store = self.runtime.features
-        with self._compute:
-            hits, computed = store.hits, store.computed
-            feats = store.get_or_compute(blobs, progress=False)
-            metrics.FEATURES.labels("cache").inc(store.hits - hits)
-            metrics.FEATURES.labels("computed").inc(store.computed - computed)
-        return feats
-
-    # -- predictions -------------------------------------------------------------------
-    def _task_features(self, config: ProjectConfig, tasks: Sequence[Any], conn) -> tuple[list, list]:
-        """Per task: ``{object name: Features}`` or None, and the error message or None."""
-        errors: list[str | None] = [None] * len(tasks)
-        wanted: list[dict[str, str]] = [{} for _ in tasks]
-        for i, task in enumerate(tasks):
-            if not isinstance(task, Mapping):
-                errors[i] = f"task #{i} is not an object"
-                continue
-            for b in config.bindings:
-                try:
-                    wanted[i][b.object] = b.source(task)
-                except TaskDataError as exc:
-                    errors[i] = f"task {task.get('id', '#' + str(i))}: {exc}"
-                    break
-        order: dict[str, int] = {}
-        owners: list[int | None] = []
-        for i, srcs in enumerate(wanted):
-            if errors[i] is None:
-                for src in srcs.values():
-                    if src not in order:
-                        order[src] = len(order)
-                        task_id = tasks[i].get("id")
-                        owners.append(task_id if isinstance(task_id, int) else None)
-        sources = list(order)
-        feats = self.features(sources, conn, owners)
-        out: list[dict | None] = [None] * len(tasks)
-        for i, srcs in enumerate(wanted):
-            if errors[i] is not None:
-                continue
-            row = {}
-            for obj, src in srcs.items():
-                f = feats[order[src]]
-                if isinstance(f, ImageError):
-                    errors[i] = f"task {tasks[i].get('id', '#' + str(i))}: {f}"
-                    break
-                row[obj] = f
-            else:
-                out[i] = row
-        return out, errors
-
-    def predict(self, project: str | None, xml: str, tasks: Sequence[Any], context: Any = None) -> tuple[list, str]:
-        """One entry per task, in order (see :mod:`.results`), and the model version.
-
-        ``context.result`` (interactive pre-annotation) holds the annotator's partial choices, or
-        (Label Studio's UI) a point or box drawn with a smart tool: the entries then carry the
-        chosen labels plus the likely-missing ones — for a spot, the best labels at that spot
-        (:mod:`backend.model.spot`) — with reasons."""
-        config = self.project_config(xml)
-        predictor = self.predictor(project)
-        version = self.model_version(project, predictor)
-        note = self.unserved_note(project, predictor.version)
-        partial = context.get("result") if isinstance(context, Mapping) else None
-        kind = "interactive" if isinstance(partial, list) else "preannotation"
-        conn = self.connection(project)
-        feats, errors = self._task_features(config, tasks, conn)
-        ok = [i for i in range(len(tasks)) if feats[i] is not None]
-        entries: list[dict | None] = [None] * len(tasks)
-        if kind == "preannotation":
-            scores = self._probabilities(predictor, config, [feats[i] for i in ok])
-            pre = self.cfg.preannotation
-            multiple = {(b.control, b.object): b.multiple for b in config.bindings}
-            chosen = {key: preselect(rows, pre, multiple[key]) if rows else [] for key, rows in scores.items()}
-            for j, i in enumerate(ok):
-                entries[i] = results.preannotation(
-                    config, {key: rows[j] for key, rows in scores.items()}, version,
-                    threshold=pre.threshold, max_labels=pre.max_labels, reasons_labels=pre.reasons_labels,
-                    selected={key: rows[j] for key, rows in chosen.items()},
-                )
-        else:
-            ctx_chosen, unknown = config.chosen(partial)
-            if unknown:
-                log.info("interactive context: ignoring %d value(s) not in the label config: %s",
-                         len(unknown), ", ".join(unknown[:10]))
-            spots = results.spots(config, partial)
-            # Label Studio 1.23 sends only the smart region in the context and *replaces* the
-            # annotation's choices by the answer's: the annotator's current choices come from
-            # the task Label Studio sends along (draft, annotation or pre-annotation).
-            chosen_rows, sources = [], []
-            for i in ok:
-                if any(ctx_chosen.values()) or not spots:
-                    chosen_rows.append(ctx_chosen)
-                    sources.append("context")
-                else:
-                    row, source = results.current_choices(config, tasks[i], version)
-                    last = self._last_answer(project, tasks[i])
-                    if last is not None and last[0] > results.saved_at(tasks[i]):
-                        row = {c: list(dict.fromkeys([*row.get(c, []), *last[1].get(c, [])])) for c in row}
-                        source += "+last answer"
-                    chosen_rows.append(row)
-                    sources.append(source)
-            top_k, min_p = self.settings.suggest.top_k, self.settings.suggest.min_probability
-            sugg = self._suggestions(predictor, config, [feats[i] for i in ok], chosen_rows, top_k, min_p)
-            at_spot = self._spot_suggestions(predictor, config, [feats[i] for i in ok], chosen_rows, spots)
-            for j, i in enumerate(ok):
-                task_items = {key: rows[j] for key, rows in sugg.items()}
-                if spots:
-                    entries[i] = results.spot_answer(
-                        config, chosen_rows[j], {key: rows[j] for key, rows in at_spot.items()}, task_items,
-                        version, add=self.settings.suggest.spot.add, ignored=unknown,
-                        meta={"chosen_from": sources[j]},
-                    )
-                    self._remember_answer(project, tasks[i], entries[i])
-                else:
-                    entries[i] = results.suggestions(config, chosen_rows[j], task_items, version, ignored=unknown)
-        if note is not None:
-            for i in ok:
-                results.add_note(config, entries[i], note[1])
-        for i, err in enumerate(errors):
-            if err is not None:
-                log.warning("project %s: no prediction for %s", project or "-", err)
-                entries[i] = results.error_entry(version, err)
-                metrics.PREDICTIONS.labels(kind, "error").inc()
-        metrics.PREDICTIONS.labels(kind, "ok").inc(len(ok))
-        return entries, version
-
-    def _probabilities(self, predictor, config: ProjectConfig, feats: list[dict]) -> dict:
-        out = {}
-        if not feats:
-            return {(b.control, b.object): [] for b in config.bindings}
-        for b in config.bindings:
-            space = self._space_locked(b)
-            with self._compute:
-                probs = predictor.probabilities([f[b.object] for f in feats], space)
-            out[(b.control, b.object)] = probs.tolist()
-        return out
-
-    def _suggestions(self, predictor, config, feats, chosen, top_k, min_probability) -> dict:
-        out = {}
-        if not feats:
-            return {(b.control, b.object): [] for b in config.bindings}
-        for b in config.bindings:
-            space = self._space_locked(b)
-            known = [list(c.get(b.control, [])) for c in chosen]
-            with self._compute:
-                out[(b.control, b.object)] = predictor.suggest(
-                    [f[b.object] for f in feats], space, known, top_k, min_probability
-                )
-        return out
-
-    def _last_answer(self, project, task) -> tuple[float, dict] | None:
-        key = (project, task.get("id"))
-        with self._answers_lock:
-            hit = self._answers.get(key)
-        if hit is None or time.time() - hit[0] > 600:
-            return None
-        return hit
-
-    def _remember_answer(self, project, task, entry: Mapping) -> None:
-        if task.get("id") is None:
-            return
-        choices = {r["from_name"]: list(r["value"]["choices"]) for r in entry.get("result", [])
-                   if r.get("type") == "choices"}
-        with self._answers_lock:
-            self._answers[(project, task.get("id"))] = (time.time(), choices)
-            self._answers.move_to_end((project, task.get("id")))
-            while len(self._answers) > 10_000:
-                self._answers.popitem(last=False)
-
-    def _spot_suggestions(self, predictor, config, feats, chosen, spots) -> dict:
-        """``{(control, object): [per image: [(Spot, [Suggestion])]]}`` for the bindings whose
-        image has a spot (a smart point or box) in the context."""
-        from ..model.spot import crop_fraction, suggest_at_spot
-
-        cfg, out = self.settings.suggest, {}
-        fraction = crop_fraction(self.runtime.backbone)
-        for b in config.bindings:
-            on_image = spots.get(b.object) or []
-            if not on_image or not feats:
-                continue
-            space = self._space_locked(b)
-            rows = []
-            for f, c in zip(feats, chosen):
-                known = list(c.get(b.control, []))
-                with self._compute:
-                    rows.append([(spot, suggest_at_spot(
-                        predictor, f[b.object], space, known, spot, top_k=cfg.spot.listed,
-                        min_probability=cfg.spot.min_probability, sigma=cfg.spot.point_sigma,
-                        gain=cfg.spot.local_gain, fraction=fraction, co_occurring=cfg.co_occurring,
-                        neighbours=cfg.neighbours)) for spot in on_image])
-            out[(b.control, b.object)] = rows
-        return out
-
-    def _space_locked(self, binding: Binding):
-        key = (binding.labels, id(self._taxonomy))
-        with self._spaces_lock:
-            cached = key in self._spaces
-        if cached:
-            return self.label_space(binding)
-        # The text encoder runs for new labels only, under its own lock: one new label set
-        # at a time, while image requests keep the compute lock.
-        with self._embedding:
-            return self.label_space(binding)
-
-    def review_prediction(self, project: str, xml: str, task: Mapping, annotation: Mapping) -> dict | None:
-        """The review prediction of one submitted annotation: its labels plus the likely-missing
-        ones; ``None`` when the annotation was skipped or chose nothing semlabel serves."""
-        if annotation.get("was_cancelled"):
-            return None
-        config = self.project_config(xml)
-        chosen, unknown = config.chosen(annotation.get("result") or [])
-        if not any(chosen.values()):
-            return None
-        predictor = self.predictor(project)
-        conn = self.connection(project)
-        feats, errors = self._task_features(config, [task], conn)
-        if errors[0] is not None:
-            raise ImageError(str(task.get("id")), errors[0])
-        review = self.cfg.review
-        # The top_k unchosen labels whatever their probability: the task's score, P(missing),
-        # ranks the reviewer's queue even when no single label reaches min_probability (a
-        # calibrated weak model); the text lists only those that do.
-        sugg = self._suggestions(predictor, config, feats, [chosen], review.top_k, 0.0)
-        top = {key: rows[0] for key, rows in sugg.items()}
-        listed = {key: [s for s in row if s.probability >= review.min_probability] for key, row in top.items()}
-        meta = {"kind": "review", "annotation_id": annotation.get("id"), "served_version": predictor.version}
-        entry = results.suggestions(config, chosen, listed, self.review_version(predictor.version),
-                                    ignored=unknown, meta=meta)
-        entry["score"] = results.p_missing(s.probability for row in top.values() for s in row)
-        metrics.PREDICTIONS.labels("review", "ok").inc()
-        return entry
-
-    def review_version(self, served_version: str) -> str:
-        return self.cfg.review.model_version.replace("{version}", served_version)
-
-
-def check_config(service: BackendService, xml: str | None) -> ProjectConfig:
-    if not isinstance(xml, str) or not xml.strip():
-        raise ConfigError("no label config in the request ('label_config' or 'schema')")
-    return service.project_config(xml)
-
-
-def _is_upload(source: str) -> bool:
-    """A file uploaded to Label Studio (``/data/upload/…``, relative or absolute URL)."""
-    path = source.split("://", 1)[-1]
-    path = path[path.find("/"):] if "://" in source else path
-    return path.startswith(("/data/upload/", "data/upload/"))
-
+        try:
+            self.background(run)
+        except RuntimeError:  # shutting down
+            pass

@@ -16,7 +16,6 @@ Tensor-level access (benchmarks, evaluation): :meth:`SigRLPredictor.scores` of a
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from dataclasses import dataclass
 from typing import Sequence
@@ -71,16 +70,11 @@ class SigRLPredictor(Predictor):
         return list(self.model.labels)
 
     # -- per label space ---------------------------------------------------------------
-    def _space_key(self, space: LabelSpace) -> str:
-        digest = hashlib.sha256("\x1f".join(space.names).encode())
-        digest.update(space.embeddings.detach().float().cpu().numpy().tobytes())
-        return digest.hexdigest()
-
     @torch.inference_mode()
     def prepare(self, space: LabelSpace):
         """(graph, Ĥ, known matrix S) of a label space (cached); ``graph.cond[j, c]`` is the
         observed ``P(c | j)``."""
-        key = self._space_key(space)
+        key = space.digest  # hashed once per space, not per call
         with self._lock:
             hit = self._cache.get(key)
         if hit is not None:

@@ -23,7 +23,7 @@ Pieces (each can be switched off for ablations, ``configs: model``):
   model *is* the zero-shot model, logits included. The loss trains ``z_h``; served
   probabilities are a calibration of ``z`` (``backend/model/calibration.py``). After training the
   heads may be shrunk towards that zero-shot model, ``z = w z_heads + (1 − w) z_zero-shot``
-  (``heads_weight``, chosen on held-out data; see ``worker/train.py``);
+  (``heads_weight``, chosen on held-out data; see ``worker/training/train.py``);
 - **known labels** K (chosen by the annotator): a product of experts. A co-occurrence expert
   predicts each label from the known labels alone, ``u_c = b + mean_{j∈K} ⟨W ĥ_j, ĥ_c⟩ +
   γ_1 mean_{j∈K} P(c|j) + γ_2 log mean_{j∈K} P̂(c|j)`` — a learnable compatibility through the

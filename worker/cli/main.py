@@ -233,11 +233,12 @@ def features_gc(max_gb: float | None, max_age_days: float | None) -> None:
 
 # The other commands, one module per area (each imports its heavy parts only when run).
 from worker.cli import model as _model_commands  # noqa: E402  train, eval, bench, paper
-from worker.commands import serve as _serve_commands  # noqa: E402  serve, suggest, bench-api
+from worker.bench import latency as _latency_commands  # noqa: E402  bench-api, bench-attack
+from worker.cli import serve as _serve_commands  # noqa: E402  serve, suggest
 from worker.cli import spot as _spot_commands  # noqa: E402  bench-spot
 from worker.cli import worker as _worker_commands  # noqa: E402  worker, models
 
-for _commands in (_worker_commands, _serve_commands, _model_commands, _spot_commands):
+for _commands in (_worker_commands, _serve_commands, _latency_commands, _model_commands, _spot_commands):
     _commands.register(main)
 
 

@@ -1,1 +1,0 @@
-"""Click commands of the ``semlabel`` CLI, one module per area; ``worker.cli`` registers them."""
