@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from .errors import ImageError
 from .images import ImageBlob, decode
+from .settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -118,20 +119,21 @@ class FeatureStore:
         self,
         root: str | os.PathLike,
         backbone,
-        dtype: str = "float16",
-        max_size_gb: float | None = None,
-        gc_every_writes: int = 2000,
-        max_pixels: int = 64_000_000,
-        batch_size: int = 16,
+        settings=None,
     ):
+        """``settings``: where ``features.*``, ``images.max_pixels`` and ``backbone.batch_size``
+        are read (None: the process settings)."""
+        settings = settings or get_settings()
+        cfg = settings.features
         self.root = Path(root)
         self.backbone = backbone
         self.dir = self.root / backbone.fingerprint
-        self.dtype = np.float16 if dtype == "float16" else np.float32
-        self.max_bytes = int(max_size_gb * 2**30) if max_size_gb else None
-        self.gc_every_writes = gc_every_writes
-        self.max_pixels = max_pixels
-        self.batch_size = batch_size
+        self.dtype = np.float16 if cfg.dtype == "float16" else np.float32
+        self.max_bytes = int(cfg.max_size_gb * 2**30) if cfg.max_size_gb else None
+        self.gc_every_writes = cfg.gc_every_writes
+        self.stale_tmp_s = cfg.stale_tmp_s
+        self.max_pixels = settings.images.max_pixels
+        self.batch_size = settings.backbone.batch_size
         self._lock = threading.Lock()
         self._writes_since_gc = 0
         # Counters: how many images were served from disk / computed by the backbone.
@@ -140,15 +142,7 @@ class FeatureStore:
 
     @classmethod
     def from_settings(cls, settings, backbone) -> "FeatureStore":
-        return cls(
-            settings.features_path,
-            backbone,
-            dtype=settings.features.dtype,
-            max_size_gb=settings.features.max_size_gb,
-            gc_every_writes=settings.features.gc_every_writes,
-            max_pixels=settings.images.max_pixels,
-            batch_size=settings.backbone.batch_size,
-        )
+        return cls(settings.features_path, backbone, settings)
 
     # -- single entries --------------------------------------------------------------
     def path(self, key: str) -> Path:
@@ -297,7 +291,7 @@ class FeatureStore:
         removed = freed = 0
         for tmp in self.root.glob("*/*/.*.tmp") if self.root.exists() else []:
             try:
-                if now - tmp.stat().st_mtime > 3600:
+                if now - tmp.stat().st_mtime > self.stale_tmp_s:
                     tmp.unlink()
             except FileNotFoundError:
                 pass

@@ -47,7 +47,7 @@ from .errors import (
     TruncatedImage,
     URLNotAllowed,
 )
-from .settings import ImageSettings
+from .sections import ImageSettings
 
 log = logging.getLogger(__name__)
 

@@ -55,13 +55,20 @@ class TextEmbeddingCache:
     still writes to it (its rows count as least recently used).
     """
 
-    def __init__(self, path: str | Path | None, max_rows: int | None = None):
+    def __init__(self, path: str | Path | None, max_rows: int | None = None, *, wait_s: float):
         self.path = Path(path) if path else None
         self.max_rows = max_rows
+        self.wait_s = wait_s
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self.hits = 0
         self.misses = 0
+
+    @classmethod
+    def from_settings(cls, settings) -> "TextEmbeddingCache":
+        """The cache under ``<data_dir>`` bounded by ``limits.text_cache_*``."""
+        limits = settings.limits
+        return cls(settings.text_cache_path, limits.text_cache_max_rows, wait_s=limits.text_cache_wait_s)
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -69,7 +76,7 @@ class TextEmbeddingCache:
                 self._conn = self._init(sqlite3.connect(":memory:", check_same_thread=False))
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._conn = self._open_shared(self.path)
+                self._conn = self._open_shared(self.path, self.wait_s)
         return self._conn
 
     @staticmethod
@@ -89,7 +96,7 @@ class TextEmbeddingCache:
         return conn
 
     @classmethod
-    def _open_shared(cls, path: Path, wait_s: float = 30.0) -> sqlite3.Connection:
+    def _open_shared(cls, path: Path, wait_s: float) -> sqlite3.Connection:
         """Open the file that backend and worker processes share. Switching a new file to WAL
         answers "database is locked" at once, without sqlite's busy wait, while another
         process does the same (``serve --with-worker`` starts two at once): retry that."""
@@ -231,7 +238,7 @@ class LabelSpace:
         backbone,
         cache: TextEmbeddingCache,
         templates: Sequence[str],
-        name_weight: float = 1.0,
+        name_weight: float,
         taxonomy: "Taxonomy | None" = None,
     ) -> "LabelSpace":
         labels = [Label.coerce(l) for l in labels]
@@ -256,7 +263,7 @@ def embed_labels(
     backbone,
     cache: TextEmbeddingCache,
     templates: Sequence[str],
-    name_weight: float = 1.0,
+    name_weight: float,
 ) -> torch.Tensor:
     """``[C, D]`` label embeddings (weighted prompt-ensemble means, L2-normalised)."""
     per_label = [prompt_texts(label, templates, name_weight) for label in labels]

@@ -27,7 +27,7 @@ class Runtime:
     def __init__(self, settings: Settings, backbone, label_studio=None, local_roots=None, text_cache=None):
         self.settings = settings
         self.backbone = backbone
-        self.text_cache = text_cache or TextEmbeddingCache(settings.text_cache_path, settings.limits.text_cache_max_rows)
+        self.text_cache = text_cache or TextEmbeddingCache.from_settings(settings)
         self.features = FeatureStore.from_settings(settings, backbone)
         self.loader = ImageLoader(
             settings.images,
@@ -39,7 +39,7 @@ class Runtime:
     @classmethod
     def create(cls, settings: Settings | None = None, backbone_kind: str | None = None, **kwargs) -> "Runtime":
         settings = settings or get_settings()
-        text_cache = TextEmbeddingCache(settings.text_cache_path, settings.limits.text_cache_max_rows)
+        text_cache = TextEmbeddingCache.from_settings(settings)
         backbone = create_backbone(settings, kind=backbone_kind, text_cache=text_cache)
         return cls(settings, backbone, text_cache=text_cache, **kwargs)
 

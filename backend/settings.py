@@ -10,8 +10,10 @@ last one wins:
    and the conventional names ``REDIS_URL``, ``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``,
    ``BASIC_AUTH_USER``, ``BASIC_AUTH_PASS``.
 
-Sections other modules own (model, training, worker, ...) are kept as plain dictionaries
-here until their module declares a typed model for them; unknown keys are never dropped.
+Every value has exactly one default: its line in ``configs/default.yaml``. The classes here
+and in :mod:`backend.model.config` declare types and bounds only (no field has a default),
+and a key no class declares — misspelt in a YAML file or in a ``SEMLABEL_*__*`` variable —
+is an error that names the key and where it was written (:class:`UnknownSetting`).
 """
 
 from __future__ import annotations
@@ -20,17 +22,20 @@ import functools
 import os
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from .model.config import (BenchSettings, CalibrationSettings, LossSettings, ModelSettings, SuggestSettings,
-                           TrainSettings)
+from .model.config import (BenchSettings, CalibrationSettings, LossSettings, ModelSettings, ScoringSettings,
+                           SuggestSettings, TrainSettings)
+from .sections import (AuthSettings, BackboneSettings, BackendSettings, FeatureSettings, ImageSettings, LimitSettings,
+                       PromptSettings, RedisSettings, StoreSettings, WorkerSettings, ZeroShotSettings)
 
 CONFIG_ENV = "SEMLABEL_CONFIG"
 CONFIG_DIR_ENV = "SEMLABEL_CONFIG_DIR"
+ENV_PREFIX = "SEMLABEL_"
 
 
 def config_dir() -> Path:
@@ -48,188 +53,8 @@ def config_dir() -> Path:
     )
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class OpenClipSettings(_Section):
-    model: str = "ViT-B-32"
-    pretrained: str | None = None
-    model_configs: list[str] = []
-    zero_shot_scale: float
-    zero_shot_bias: float
-
-
-class PackagedSettings(_Section):
-    resize: int
-    image_size: int
-    mean: list[float]
-    std: list[float]
-    class_temperature: float
-    class_synonyms: int
-    zero_shot_scale: float
-    zero_shot_bias: float
-
-
-class BackboneSettings(_Section):
-    kind: Literal["auto", "open_clip", "packaged"] = "auto"
-    device: str = "auto"
-    batch_size: int = Field(16, ge=1)
-    network_probe_timeout_s: float = 2.0
-    image_fit: Literal["pad", "crop"] = "pad"
-    open_clip: OpenClipSettings
-    packaged: PackagedSettings
-
-
-class PromptSettings(_Section):
-    templates: list[str]
-    name_weight: float = 1.0
-
-
-class ZeroShotSettings(_Section):
-    global_weight: float = Field(ge=0.0, le=1.0)
-    local_top_k: int = Field(ge=1)
-
-
-class FeatureSettings(_Section):
-    dtype: Literal["float16", "float32"] = "float16"
-    max_size_gb: float = 10.0
-    gc_every_writes: int = 2000
-
-
-class ImageSettings(_Section):
-    max_pixels: int
-    max_bytes: int
-    http_timeout_s: float
-    download_deadline_s: float = Field(30.0, gt=0.0)
-    max_redirects: int = Field(5, ge=0)
-    decode_max_side: int = Field(2048, ge=64)
-    allowed_hosts: list[str] = []
-    local_roots: list[str] = []
-
-
-class AuthSettings(_Section):
-    """Who may talk to the backend and which Label Studio it talks to (backend/ls/guard.py)."""
-
-    url_secret: str = ""
-    allowed_label_studio_urls: list[str] = []
-    refused_log_interval_s: float = Field(60.0, gt=0.0)
-
-
-class LimitSettings(_Section):
-    """Bounds on what one request may make the backend do (backend/ls/guard.py)."""
-
-    max_request_mb: float = Field(32.0, gt=0.0)
-    max_json_depth: int = Field(64, ge=2)
-    max_tasks: int = Field(10000, ge=1)
-    max_labels: int = Field(10000, ge=1)
-    max_label_chars: int = Field(200, ge=1)
-    max_label_config_chars: int = Field(2000000, ge=100)
-    text_cache_max_rows: int = Field(60000, ge=1000)
-
-
-class EmbeddedRedisSettings(_Section):
-    port: int = Field(6379, ge=0, le=65535)
-    appendfsync: Literal["always", "everysec", "no"] = "everysec"
-    start_timeout_s: float = 15.0
-
-
-class SpoolSettings(_Section):
-    dir: str = ""
-    max_entries: int = Field(100000, ge=1)
-    max_mb: float = Field(256.0, gt=0.0)
-    retry_s: float = Field(0.5, gt=0.0)
-    batch: int = Field(100, ge=1)
-    max_replay_attempts: int = Field(100, ge=1)
-
-
-class RedisSettings(_Section):
-    connect_timeout_s: float = 2.0
-    socket_timeout_s: float = Field(5.0, gt=0.0)
-    webhook_timeout_s: float = Field(0.25, gt=0.0)
-    webhook_deadline_s: float = Field(0.5, gt=0.0)
-    key_prefix: str = "semlabel"
-    embedded: EmbeddedRedisSettings = EmbeddedRedisSettings()
-    spool: SpoolSettings = SpoolSettings()
-    dedup_window: int = Field(50000, ge=1)
-    dedup_ttl_s: float = Field(604800.0, gt=0.0)
-    max_event_kb: int = Field(256, ge=1)
-    max_result_items: int = Field(1000, ge=1)
-    max_label_config_kb: int = Field(1024, ge=1)
-    max_remembered_tasks: int = Field(100000, ge=1)
-    max_task_data_kb: int = Field(16, ge=1)
-    compact_after_training: bool = True
-
-
-class QueueNames(_Section):
-    train: str = "gpu"
-    features: str = "cpu"
-
-
-class DebounceSettings(_Section):
-    annotations: int = Field(10, ge=1)
-    quiet_s: float = Field(30.0, ge=0.0)
-    max_wait_s: float = Field(600.0, ge=0.0)
-
-
-class WorkerSettings(_Section):
-    queues: QueueNames = QueueNames()
-    prefetch_features: bool = True
-    debounce: DebounceSettings = DebounceSettings()
-    busy_retry_s: float = Field(10.0, gt=0.0)
-    lock_ttl_s: float = Field(60.0, gt=0.0)
-    job_timeout_s: int = Field(7200, ge=1)
-    retry_intervals_s: list[int] = [15, 60, 300]
-    result_ttl_s: int = 604800
-    failure_ttl_s: int = 2592000
-    job_monitoring_interval_s: int = Field(10, ge=1)
-    holdout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
-    holdout_seed: int = 0
-    min_holdout_tasks: int = Field(5, ge=1)
-    trainer: str = ""
-    preload: bool = True
-    maintenance_interval_s: int = Field(60, ge=1)
-
-
-class StoreSettings(_Section):
-    root: str = ""
-    gate_metric: str = "mAP"
-    gate_margin: float = Field(0.02, ge=0.0)
-    keep_versions: int = Field(10, ge=2)
-    stale_staging_s: float = 86400.0
-    poll_interval_s: float = Field(2.0, gt=0.0)
-    max_watched_projects: int = Field(1000, ge=1)
-    watch_idle_s: float = Field(3600.0, gt=0.0)
-
-
-class PreannotationSettings(_Section):
-    threshold: float = Field(0.5, ge=0.0, le=1.0)
-    max_labels: int = Field(10, ge=1)
-    wrong_tick_cost: float = Field(1.0, ge=0.0)
-    missed_tick_cost: float = Field(1.0, ge=0.0)
-    reasons_labels: int = Field(10, ge=1)
-
-
-class ReviewSettings(_Section):
-    enabled: bool = True
-    model_version: str = "semlabel-review"
-    live_version: bool = True
-    tab: str = "Likely missing"
-    top_k: int = Field(3, ge=1)
-    min_probability: float = Field(0.5, ge=0.0, le=1.0)
-    max_attempts: int = Field(5, ge=1)
-    retry_after_s: float = Field(30.0, gt=0.0)
-
-
-class BackendSettings(_Section):
-    """The Label Studio-facing server (backend/ls/)."""
-
-    preannotation: PreannotationSettings = PreannotationSettings()
-    review: ReviewSettings = ReviewSettings()
-    reasons_textarea: str = "semlabel_reasons"
-    taxonomy: str = ""
-    setup_wait_s: float = Field(2.5, gt=0.0)
-    predict_wait_s: float = Field(60.0, gt=0.0)
+class UnknownSetting(ValueError):
+    """A settings file or environment variable names a key no section declares."""
 
 
 def _deep_merge(base: dict, override: dict) -> dict:
@@ -242,12 +67,55 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+def _section_of(model: type[BaseModel], key: str) -> type[BaseModel] | None | bool:
+    """The section class of ``model``'s field ``key`` (False: no such field; None: a leaf)."""
+    field = model.model_fields.get(key)
+    if field is None:
+        return False
+    kind = field.annotation
+    return kind if isinstance(kind, type) and issubclass(kind, BaseModel) else None
+
+
+def unknown_keys(model: type[BaseModel], data: dict, path: tuple[str, ...] = ()) -> list[str]:
+    """Dotted paths of the keys of ``data`` (nested) that ``model`` does not declare."""
+    out = []
+    for key, value in data.items():
+        sub = _section_of(model, str(key))
+        if sub is False:
+            out.append(".".join((*path, str(key))))
+        elif sub is not None and isinstance(value, dict):
+            out.extend(unknown_keys(sub, value, (*path, str(key))))
+    return out
+
+
 def _read_yaml(path: Path) -> dict:
     with open(path, encoding="utf-8") as fh:
         data = yaml.safe_load(fh) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    unknown = unknown_keys(Settings, data)
+    if unknown:
+        raise UnknownSetting(f"{path}: unknown setting(s) {', '.join(unknown)} (see configs/default.yaml)")
     return data
+
+
+def _check_environment() -> None:
+    """``SEMLABEL_<SECTION>__<KEY>`` variables must name a declared key (a misspelt override
+    would otherwise be ignored). Plain ``SEMLABEL_*`` names without ``__`` may be other
+    switches (tests, tools) and are left alone."""
+    for name in os.environ:
+        if not name.upper().startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        parts = name[len(ENV_PREFIX):].lower().split("__")
+        nested: dict = {}
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = None
+        unknown = unknown_keys(Settings, nested)
+        if unknown:
+            raise UnknownSetting(f"environment variable {name}: unknown setting {unknown[0]} "
+                                 "(see configs/default.yaml)")
 
 
 class _YamlSource(PydanticBaseSettingsSource):
@@ -265,14 +133,19 @@ class _YamlSource(PydanticBaseSettingsSource):
 
 
 class Settings(BaseSettings):
+    """Every section of ``configs/default.yaml``, typed; every field is required (its value
+    comes from the file) and unknown keys are refused. The connection fields below are the
+    exception: they name this deployment's services and secrets, come from the environment
+    only, and ``None`` means "not configured"."""
+
     model_config = SettingsConfigDict(
-        env_prefix="SEMLABEL_",
+        env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
-        extra="allow",
+        extra="forbid",
         populate_by_name=True,
     )
 
-    data_dir: str = ""
+    data_dir: str
     redis_url: str | None = Field(
         None, validation_alias=AliasChoices("REDIS_URL", "SEMLABEL_REDIS_URL", "redis_url")
     )
@@ -303,19 +176,24 @@ class Settings(BaseSettings):
     zero_shot: ZeroShotSettings
     features: FeatureSettings
     images: ImageSettings
-    auth: AuthSettings = AuthSettings()
-    limits: LimitSettings = LimitSettings()
-    redis: RedisSettings = RedisSettings()
-    worker: WorkerSettings = WorkerSettings()
-    store: StoreSettings = StoreSettings()
+    auth: AuthSettings
+    limits: LimitSettings
+    redis: RedisSettings
+    worker: WorkerSettings
+    store: StoreSettings
     # The SigRL heads, their losses, training, suggestions, benchmark (backend/model/config.py).
-    model: ModelSettings = ModelSettings()
-    loss: LossSettings = LossSettings()
-    train: TrainSettings = TrainSettings()
-    calibration: CalibrationSettings = CalibrationSettings()
-    suggest: SuggestSettings = SuggestSettings()
-    backend: BackendSettings = BackendSettings()
-    bench: BenchSettings = BenchSettings()
+    model: ModelSettings
+    loss: LossSettings
+    train: TrainSettings
+    calibration: CalibrationSettings
+    suggest: SuggestSettings
+    scoring: ScoringSettings
+    backend: BackendSettings
+    bench: BenchSettings
+
+    def __init__(self, **values: Any):
+        _check_environment()
+        super().__init__(**values)
 
     @classmethod
     def settings_customise_sources(
@@ -357,15 +235,6 @@ class Settings(BaseSettings):
     def redis_data_path(self) -> Path:
         """Where the embedded Redis keeps its append-only file."""
         return self.data_path / "redis"
-
-    def section(self, name: str) -> dict[str, Any]:
-        """A section that has no typed model here, as a plain dict (``{}`` when absent)."""
-        value = getattr(self, name, None)
-        if value is None:
-            value = (self.model_extra or {}).get(name, {})
-        if isinstance(value, BaseModel):
-            return value.model_dump()
-        return dict(value)
 
 
 @functools.lru_cache(maxsize=1)

@@ -530,7 +530,7 @@ def test_f5_the_text_embedding_cache_is_bounded_lru(tmp_path):
     from backend.labels import TextEmbeddingCache
 
     path = tmp_path / "t.sqlite"
-    cache = TextEmbeddingCache(path, max_rows=100)
+    cache = TextEmbeddingCache(path, max_rows=100, wait_s=30.0)
     encode = lambda texts: torch.ones(len(texts), 8)  # noqa: E731 - the bound, not the encoder, is tested
     cache.get_or_compute("enc", ["keep me"], encode)
     for start in range(0, 300, 50):

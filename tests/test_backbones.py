@@ -15,6 +15,8 @@ from backend.images import ImageLoader, decode
 from backend.settings import Settings
 
 TINY_CONFIGS = str(Path(__file__).parent / "data" / "open_clip")
+_BB = Settings().backbone
+CLIP = dict(probe_timeout=_BB.network_probe_timeout_s, image_fit=_BB.image_fit, text_batch_size=_BB.text_batch_size)
 ZERO_SHOT_LABELS = ["cat", "truck", "coffee cup", "rocket", "person"]
 
 
@@ -91,7 +93,7 @@ def _image(sample_images, name="chelsea"):
 @pytest.mark.parametrize("model, patches", [("semlabel-tiny-vit", 16), ("semlabel-tiny-rn", 4)])
 def test_open_clip_checkpoint_round_trip_is_exact(tmp_path, sample_images, model, patches):
     images = [_image(sample_images, "chelsea"), _image(sample_images, "coffee")]
-    random_init = OpenClipBackbone(model, None, "cpu", model_configs=[TINY_CONFIGS])
+    random_init = OpenClipBackbone(model, None, "cpu", model_configs=[TINY_CONFIGS], **CLIP)
     encoded = random_init.encode_images(images)
     g0, l0 = encoded.global_, encoded.local
     assert g0.shape == (2, 32) and l0.shape == (2, patches, 32)
@@ -102,7 +104,7 @@ def test_open_clip_checkpoint_round_trip_is_exact(tmp_path, sample_images, model
 
     checkpoint = tmp_path / f"{model}.pt"
     torch.save(random_init.model.state_dict(), checkpoint)
-    reloaded = OpenClipBackbone(model, str(checkpoint), "cpu", model_configs=[TINY_CONFIGS])
+    reloaded = OpenClipBackbone(model, str(checkpoint), "cpu", model_configs=[TINY_CONFIGS], **CLIP)
     again = reloaded.encode_images(images)
     g1, l1 = again.global_, again.local
     assert torch.equal(g0, g1) and torch.equal(l0, l1)
@@ -112,8 +114,8 @@ def test_open_clip_checkpoint_round_trip_is_exact(tmp_path, sample_images, model
     # The same file gives the same feature namespace; a different file another one.
     other = tmp_path / "other.pt"
     torch.save({k: v + 1e-3 if v.is_floating_point() else v for k, v in random_init.model.state_dict().items()}, other)
-    assert OpenClipBackbone(model, str(checkpoint), "cpu", model_configs=[TINY_CONFIGS]).fingerprint == reloaded.fingerprint
-    assert OpenClipBackbone(model, str(other), "cpu", model_configs=[TINY_CONFIGS]).fingerprint != reloaded.fingerprint
+    assert OpenClipBackbone(model, str(checkpoint), "cpu", model_configs=[TINY_CONFIGS], **CLIP).fingerprint == reloaded.fingerprint
+    assert OpenClipBackbone(model, str(other), "cpu", model_configs=[TINY_CONFIGS], **CLIP).fingerprint != reloaded.fingerprint
 
 
 def _settings(**backbone_overrides) -> Settings:
@@ -125,7 +127,7 @@ def _settings(**backbone_overrides) -> Settings:
 
 
 def test_auto_uses_open_clip_when_the_checkpoint_loads(tmp_path):
-    model = OpenClipBackbone("semlabel-tiny-vit", None, "cpu", model_configs=[TINY_CONFIGS])
+    model = OpenClipBackbone("semlabel-tiny-vit", None, "cpu", model_configs=[TINY_CONFIGS], **CLIP)
     checkpoint = tmp_path / "tiny.pt"
     torch.save(model.model.state_dict(), checkpoint)
     settings = _settings(model="semlabel-tiny-vit", pretrained=str(checkpoint), model_configs=[TINY_CONFIGS])

@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from backend.model.calibration import (Calibration, elkan_noto_rate, expected_calibration_error,
-                                       fit_calibration, fit_zero_shot_calibration)
+                                       fit_calibration, fit_options, fit_zero_shot_calibration)
+from backend.settings import Settings
+
+FIT = fit_options(Settings().calibration)  # configs/default.yaml
+BINS = Settings().bench.ece_bins
 
 NAMES = ["a", "b", "c", "d"]
 
@@ -25,12 +29,12 @@ def _synthetic(n=4000, C=4, seed=0):
 
 def test_a_known_miscalibration_is_mapped_back():
     _, y, scores, _ = _synthetic()
-    assert expected_calibration_error(torch.sigmoid(scores), y) > 0.08
-    cal = fit_calibration(scores, y, NAMES, fixed_rate=1.0)
-    assert expected_calibration_error(cal.probabilities(scores, NAMES), y) < 0.02
+    assert expected_calibration_error(torch.sigmoid(scores), y, bins=BINS) > 0.08
+    cal = fit_calibration(scores, y, NAMES, fixed_rate=1.0, **FIT)
+    assert expected_calibration_error(cal.probabilities(scores, NAMES), y, bins=BINS) < 0.02
     # Held-out images of the same distribution: still calibrated (not an in-sample artefact).
     _, y2, scores2, _ = _synthetic(seed=1)
-    assert expected_calibration_error(cal.probabilities(scores2, NAMES), y2) < 0.02
+    assert expected_calibration_error(cal.probabilities(scores2, NAMES), y2, bins=BINS) < 0.02
 
 
 @pytest.mark.parametrize("rate", [0.3, 0.6])
@@ -39,13 +43,13 @@ def test_a_planted_observation_rate_is_recovered(rate):
     rate per label and calibrates against the *true* labels, seeing only the chosen ones."""
     _, y, scores, g = _synthetic(n=8000)
     observed = y * torch.bernoulli(torch.full_like(y, rate), generator=g)
-    cal = fit_calibration(scores, observed, NAMES)
+    cal = fit_calibration(scores, observed, NAMES, **FIT)
     assert abs(cal.shared_rate - rate) < 0.03, cal.shared_rate  # the pooled rate
     assert all(abs(c - rate) < 0.06 for c in cal.rate), cal.rate
-    assert expected_calibration_error(cal.probabilities(scores, NAMES), y) < 0.02
+    assert expected_calibration_error(cal.probabilities(scores, NAMES), y, bins=BINS) < 0.02
     # Reading the observed labels as complete truth would be badly miscalibrated ...
-    naive = fit_calibration(scores, observed, NAMES, fixed_rate=1.0)
-    assert expected_calibration_error(naive.probabilities(scores, NAMES), y) > 0.05
+    naive = fit_calibration(scores, observed, NAMES, fixed_rate=1.0, **FIT)
+    assert expected_calibration_error(naive.probabilities(scores, NAMES), y, bins=BINS) > 0.05
     # ... and Elkan–Noto's E[g | o = 1] is biased low when positives are not separable,
     # which is why it only initialises the joint fit.
     assert (elkan_noto_rate(scores, observed) < rate - 0.05).all()
@@ -59,7 +63,7 @@ def test_rare_labels_are_shrunk_towards_the_shared_calibration():
     observed[40:, 3] = 0  # label d: observed on the first 40 images only (a handful of positives)
     mask = torch.ones_like(observed)
     mask[40:, 3] = 0
-    cal = fit_calibration(scores, observed, NAMES, mask, fixed_rate=1.0, shrinkage=200.0)
+    cal = fit_calibration(scores, observed, NAMES, mask, fixed_rate=1.0, **{**FIT, "shrinkage": 200.0})
     a, b, _ = cal.parameters(NAMES)
     assert cal.positives[3] < 25 < cal.positives[0]
     # d's map stays close to the shared one; a label unknown to the calibration uses it exactly
@@ -76,7 +80,7 @@ def test_zero_shot_calibration_is_fitted_from_observed_labels():
     true, y, _, g = _synthetic()
     similarity = 0.3 + true / 40.0  # what a backbone gives: small spread, off-centre
     observed = y * torch.bernoulli(torch.full_like(y, 0.5), generator=g)
-    scale, bias, rate = fit_zero_shot_calibration(similarity, observed)
+    scale, bias, rate = fit_zero_shot_calibration(similarity, observed, **FIT)
     assert scale == pytest.approx(40.0, rel=0.15) and abs(rate - 0.5) < 0.05
     probs = torch.sigmoid(scale * (similarity - bias))
-    assert expected_calibration_error(probs, y) < 0.03
+    assert expected_calibration_error(probs, y, bins=BINS) < 0.03

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from backend.features import Features, FeatureStore
+from backend.settings import Settings
 
 
 class _Named:
@@ -62,7 +63,7 @@ def test_the_cache_key_changes_with_the_preprocessing(tmp_path, settings, runtim
 
 
 def test_duplicates_within_one_batch_are_encoded_once(tmp_path, runtime, sample_images):
-    store = FeatureStore(tmp_path, runtime.backbone, batch_size=2)
+    store = FeatureStore(tmp_path, runtime.backbone, Settings(backbone={"batch_size": 2}))
     blob = runtime.loader.fetch(str(sample_images["camera"]))
     out = store.get_or_compute([blob, blob, blob])
     assert store.computed == 1 and len(out) == 3
@@ -129,7 +130,7 @@ def test_corrupt_entry_is_recomputed(tmp_path, runtime, sample_images):
 
 
 def test_fp16_storage_and_size(tmp_path, runtime, sample_images):
-    store = FeatureStore(tmp_path, runtime.backbone, dtype="float16")
+    store = FeatureStore(tmp_path, runtime.backbone, Settings(features={"dtype": "float16"}))
     blob = runtime.loader.fetch(str(sample_images["coffee"]))
     store.get_or_compute([blob])
     with np.load(store.path(blob.key)) as data:
@@ -154,7 +155,7 @@ def test_gc_drops_least_recently_used_first(tmp_path):
 
 
 def test_automatic_gc_every_n_writes(tmp_path):
-    store = FeatureStore(tmp_path, _Named("fp"), max_size_gb=1e-9, gc_every_writes=5)
+    store = FeatureStore(tmp_path, _Named("fp"), Settings(features={"max_size_gb": 1e-9, "gc_every_writes": 5}))
     for i in range(5):
         store.put(Features(f"{i:02x}" + "e" * 62, torch.zeros(64), torch.zeros(16, 64)))
     assert store.size_bytes() == 0

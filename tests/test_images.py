@@ -26,13 +26,13 @@ from backend.errors import (
 )
 from backend.images import ImageLoader, decode
 from backend.ls.connection import LabelStudioConnection
-from backend.settings import ImageSettings
+from backend.sections import ImageSettings
+from backend.settings import Settings
 
 
 def image_settings(**overrides) -> ImageSettings:
-    base = dict(max_pixels=64_000_000, max_bytes=5_000_000, http_timeout_s=5.0, allowed_hosts=[], local_roots=[])
-    base.update(overrides)
-    return ImageSettings(**base)
+    base = dict(max_bytes=5_000_000, http_timeout_s=5.0, allowed_hosts=[], local_roots=[])
+    return Settings().images.with_changes(**{**base, **overrides})
 
 
 def png_bytes(img: Image.Image) -> bytes:

@@ -18,7 +18,7 @@ def test_prompt_ensemble_weights_name_and_extra_texts():
 
 
 def test_text_cache_computes_each_text_once(tmp_path, runtime):
-    cache = TextEmbeddingCache(tmp_path / "t.sqlite")
+    cache = TextEmbeddingCache(tmp_path / "t.sqlite", wait_s=30.0)
     calls: list[list[str]] = []
 
     def encode(texts):
@@ -26,7 +26,7 @@ def test_text_cache_computes_each_text_once(tmp_path, runtime):
         return runtime.backbone.encode_texts(texts)
 
     first = cache.get_or_compute("enc", ["a cat", "a dog", "a cat"], encode)
-    second = TextEmbeddingCache(tmp_path / "t.sqlite").get_or_compute("enc", ["a dog", "a bird"], encode)
+    second = TextEmbeddingCache(tmp_path / "t.sqlite", wait_s=30.0).get_or_compute("enc", ["a dog", "a bird"], encode)
     assert calls == [["a cat", "a dog"], ["a bird"]]  # persisted across instances, per text
     assert torch.equal(first[1], second[0]) and torch.equal(first[0], first[2])
     assert first.shape == (3, 384)
@@ -35,7 +35,7 @@ def test_text_cache_computes_each_text_once(tmp_path, runtime):
 def _open_and_write(path, start, results):
     start.wait()
     try:
-        vec = TextEmbeddingCache(path).get_or_compute("enc", ["a cat"], lambda t: torch.ones(len(t), 4))
+        vec = TextEmbeddingCache(path, wait_s=30.0).get_or_compute("enc", ["a cat"], lambda t: torch.ones(len(t), 4))
         results.put(float(vec.sum()))
     except Exception as exc:  # noqa: BLE001 - reported to the parent
         results.put(repr(exc))

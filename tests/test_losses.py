@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from backend.labels import Taxonomy
-from backend.model.config import LossSettings
+from backend.settings import Settings
+
+LOSS = Settings().loss  # configs/default.yaml
 from worker.training.losses import (
     PartialLabelLoss,
     an_ls,
@@ -81,7 +83,7 @@ def test_semantic_b3p_by_hand():
     expected = 0.7 * base.item() + 0.3 * soft_bce
     assert semantic(base, Z, soft, beta=0.7).item() == pytest.approx(expected, abs=1e-6)
     assert expected == pytest.approx(0.56281, abs=1e-4)
-    loss = PartialLabelLoss(LossSettings(kind="em", em_alpha=0.1, semantic=True, semantic_beta=0.7), S)
+    loss = PartialLabelLoss(LOSS.with_changes(kind="em", em_alpha=0.1, semantic=True, semantic_beta=0.7), S)
     assert loss(Z, Y).item() == pytest.approx(expected, abs=1e-6)
     # Several positives: the soft target of a label is its largest similarity to any of them.
     S3 = torch.tensor([[1.0, 0.2, 0.5], [0.2, 1.0, 0.9], [0.5, 0.9, 1.0]])
@@ -110,6 +112,6 @@ def test_similarity_sources():
 
 def test_configured_loss_selects_kind():
     for kind, fn in (("an_ls", lambda: an_ls(Z, Y, smoothing=0.1)), ("em", lambda: em(Z, Y, alpha=0.1))):
-        assert PartialLabelLoss(LossSettings(kind=kind))(Z, Y).item() == pytest.approx(fn().item())
+        assert PartialLabelLoss(LOSS.with_changes(kind=kind))(Z, Y).item() == pytest.approx(fn().item())
     with pytest.raises(ValueError):
-        PartialLabelLoss(LossSettings(semantic=True))
+        PartialLabelLoss(LOSS.with_changes(semantic=True))

@@ -7,12 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from backend.features import EncodedImages
-from backend.model.config import ModelSettings
+from backend.settings import Settings
 from backend.model.cooccurrence import CooccurrenceStats
 from backend.model.gmc import GMC, build_label_graph
 from backend.model.sigrl import SigRL, label_graph
 from backend.model.svfr import SVFR
 from backend.model.zeroshot import zero_shot_logits
+
+MODEL = Settings().model  # the heads' defaults (configs/default.yaml)
 
 D, P, NATIVE = 32, 9, 48  # aligned width, locations, native width
 
@@ -95,7 +97,7 @@ def test_gmc_shapes_and_identity_at_start():
 def test_svfr_chunked_equals_unchunked_including_gradients(chunk):
     B, C = 5, 11
     g, l, U = _unit(B, D, seed=1), _unit(B, P, D, seed=2), _unit(C, D, seed=3)
-    svfr = _trained_like(SVFR(D, attn_dim=8, top_k=3, global_weight=0.6, recon_temperature=10.0), seed=4)
+    svfr = _trained_like(SVFR(D, attn_dim=8, top_k=3, global_weight=0.6, recon_temperature=10.0, chunk_size=64), seed=4)
 
     def run(chunk_size):
         svfr.zero_grad()
@@ -134,7 +136,7 @@ def _batch(B, seed, native=True):
 def test_fresh_sigrl_is_the_zero_shot_model(native):
     """Native features of another width (packaged backbone) or none (aligned, open_clip):
     either way the fresh heads are exactly the zero-shot model, known labels included."""
-    cfg = ModelSettings(adapter_hidden=16, gat_hidden=8, attn_dim=8, global_weight=0.6, local_top_k=3,
+    cfg = MODEL.with_changes(adapter_hidden=16, gat_hidden=8, attn_dim=8, global_weight=0.6, local_top_k=3,
                         native_local_rank=8)
     C = 6
     names = [f"l{i}" for i in range(C)]
@@ -155,7 +157,7 @@ def test_fresh_sigrl_is_the_zero_shot_model(native):
 
 
 def test_sigrl_shapes_chunking_and_known_labels():
-    cfg = ModelSettings(adapter_hidden=16, gat_hidden=8, attn_dim=8, chunk_size=2)
+    cfg = MODEL.with_changes(adapter_hidden=16, gat_hidden=8, attn_dim=8, chunk_size=2)
     C = 5
     names = [f"l{i}" for i in range(C)]
     H, batch = _unit(C, D, seed=8), _batch(3, 9)
@@ -205,7 +207,7 @@ def test_sigrl_shapes_chunking_and_known_labels():
 
 def test_every_parameter_is_label_independent():
     """No per-label rows: the same weights score 3 or 300 labels."""
-    cfg = ModelSettings(adapter_hidden=16, gat_hidden=8, attn_dim=8, chunk_size=64, max_neighbours=8)
+    cfg = MODEL.with_changes(adapter_hidden=16, gat_hidden=8, attn_dim=8, chunk_size=64, max_neighbours=8)
     model = SigRL(D, cfg, 14.0, 0.6, native_dim=NATIVE).eval()
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     batch = _batch(2, 12)
@@ -228,12 +230,12 @@ def test_a_fresh_model_serves_exactly_the_zero_shot_probabilities_on_real_photos
     labels = ["dog", "bicycle", "truck", "horse", "person", "kite", "giraffe", "bird"]
     space = runtime.label_space(labels)
     bb = runtime.backbone
-    module = SigRL(bb.dim, ModelSettings(), bb.zero_shot_scale, bb.zero_shot_bias, bb.native_dim)
+    module = SigRL(bb.dim, MODEL, bb.zero_shot_scale, bb.zero_shot_bias, bb.native_dim)
     from backend.features import stack_all
 
     module.fit_feature_stats(stack_all(feats))
     stats = CooccurrenceStats.from_label_sets([["dog", "bicycle"], ["horse", "person"], ["dog", "truck"]])
-    predictor = SigRLPredictor(TrainedModel(module, labels, stats, {"name": bb.name}))
+    predictor = SigRLPredictor.from_settings(TrainedModel(module, labels, stats, {"name": bb.name}), runtime.settings)
     expected = runtime.zero_shot(feats, space)
     assert torch.allclose(predictor.probabilities(feats, space), expected, atol=1e-5)
     known = [["dog"], ["horse", "person"]] + [[]] * (len(feats) - 2)
@@ -246,7 +248,7 @@ def test_heads_that_learnt_nothing_useful_are_shrunk_back_to_zero_shot():
     from worker.training.fit import observed_auc
     from worker.training.train import choose_heads_weight
 
-    cfg = ModelSettings(adapter_hidden=8, gat_hidden=8, attn_dim=8, native_local_rank=8)
+    cfg = MODEL.with_changes(adapter_hidden=8, gat_hidden=8, attn_dim=8, native_local_rank=8)
     C, B = 6, 60
     names = [f"l{i}" for i in range(C)]
     H = _unit(C, D, seed=20)

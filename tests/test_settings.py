@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from backend.settings import Settings, config_dir
+import pytest
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from backend.settings import Settings, UnknownSetting, config_dir, unknown_keys
 
 
 def test_defaults_come_from_the_config_file():
@@ -33,3 +37,56 @@ def test_data_dir_layout(tmp_path, monkeypatch):
     s = Settings()
     assert s.features_path == tmp_path / "features"
     assert s.models_path == tmp_path / "models"
+
+
+def test_a_misspelt_key_in_a_yaml_file_names_the_key_and_the_file(tmp_path, monkeypatch):
+    user = tmp_path / "mine.yaml"
+    user.write_text("backbone:\n  kind: packaged\n  batch_sise: 4\nworker:\n  debounce:\n    quiet: 5\n")
+    monkeypatch.setenv("SEMLABEL_CONFIG", str(user))
+    with pytest.raises(UnknownSetting) as err:
+        Settings()
+    message = str(err.value)
+    assert str(user) in message
+    assert "backbone.batch_sise" in message and "worker.debounce.quiet" in message
+    user.write_text("bakbone:\n  kind: packaged\n")  # a misspelt section too
+    with pytest.raises(UnknownSetting, match=r"mine\.yaml: unknown setting\(s\) bakbone"):
+        Settings()
+
+
+def test_a_misspelt_environment_override_names_the_key_and_the_variable(monkeypatch):
+    monkeypatch.setenv("SEMLABEL_WORKER__DEBOUNCE__QUIET", "5")
+    with pytest.raises(UnknownSetting) as err:
+        Settings()
+    assert "SEMLABEL_WORKER__DEBOUNCE__QUIET" in str(err.value) and "worker.debounce.quiet" in str(err.value)
+    monkeypatch.delenv("SEMLABEL_WORKER__DEBOUNCE__QUIET")
+    monkeypatch.setenv("SEMLABEL_WORKER__DEBOUNCE__QUIET_S", "5")  # the right name still works
+    assert Settings().worker.debounce.quiet_s == 5.0
+
+
+def test_unknown_keyword_and_wrong_type_are_refused():
+    with pytest.raises(ValidationError, match="extra"):
+        Settings(backbone={"kindd": "packaged"})
+    with pytest.raises(ValidationError, match="batch_size"):
+        Settings(backbone={"batch_size": "many"})
+
+
+def _sections(model: type[BaseModel]):
+    yield model
+    for field in model.model_fields.values():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            yield from _sections(field.annotation)
+
+
+def test_default_yaml_is_the_only_home_of_a_default():
+    """No section declares a default of its own (the connection fields, set only from the
+    environment, excepted) and default.yaml sets every key the sections declare."""
+    connection = {"redis_url", "label_studio_url", "label_studio_api_key", "basic_auth_user", "basic_auth_pass"}
+    for section in _sections(Settings):
+        with_default = {n for n, f in section.model_fields.items() if not f.is_required()}
+        if section is Settings:
+            with_default -= connection
+        assert not with_default, f"{section.__name__} declares defaults for {sorted(with_default)}"
+        assert section.model_config.get("extra") == "forbid", section.__name__
+    data = yaml.safe_load((config_dir() / "default.yaml").read_text())
+    assert unknown_keys(Settings, data) == []
+    Settings.model_validate(data)  # complete: nothing is missing

@@ -203,18 +203,17 @@ def test_a_sigrl_model_scores_the_spot_with_its_adapted_features_attention_and_c
     co-occur with the suggestion."""
     from backend.images import ImageBlob
     from backend.model.checkpoint import TrainedModel
-    from backend.model.config import ModelSettings
     from backend.model.cooccurrence import CooccurrenceStats
     from backend.model.serving import SigRLPredictor
     from backend.model.sigrl import SigRL
     from backend.model.spot import Spot, crop_fraction, suggest_at_spot
 
     bb = runtime.backbone
-    module = SigRL(bb.dim, ModelSettings(), bb.zero_shot_scale, bb.zero_shot_bias)
+    module = SigRL(bb.dim, runtime.settings.model, bb.zero_shot_scale, bb.zero_shot_bias)
     stats = CooccurrenceStats.from_label_sets([["dog", "person", "horse"], ["person", "horse"], ["dog"]])
     model = TrainedModel(module, ["dog", "person", "horse"], stats, {"name": bb.name, "fingerprint": bb.fingerprint,
                                                                       "dim": bb.dim}, model_id="t1")
-    predictor = SigRLPredictor(model, zero_shot=runtime.zero_shot_predictor())
+    predictor = SigRLPredictor.from_settings(model, runtime.settings, zero_shot=runtime.zero_shot_predictor())
     path = PHOTO_DIR / "person.jpg"
     feats = runtime.features.get_or_compute([ImageBlob(str(path), path.read_bytes())])[0]
     space = runtime.label_space(LABELS)

@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from backend.errors import ModelLoadError
 from backend.model import load_predictor, save_model
-from backend.model.config import TrainSettings
+from backend.settings import Settings
 from backend.model.sigrl import SigRL, label_graph
 from worker.bench.fashion import partial_labels
 from worker.eval.metrics import mean_average_precision
@@ -21,7 +21,7 @@ from worker.training.data import Example
 from worker.training.fit import sample_known
 from worker.training.train import train_model
 
-FAST = TrainSettings(epochs=20, patience=20, batch_size=64, lr=3e-3, val_fraction=0.2, seed=0, known_rate=0.5)
+FAST = Settings().train.with_changes(epochs=20, patience=20, batch_size=64, lr=3e-3, val_fraction=0.2, seed=0, known_rate=0.5)
 
 
 def _examples(fashion_set, drop: str | None = None):
@@ -211,7 +211,7 @@ def test_single_positive_training_applies_no_untrained_known_label_term(fashion_
     assert "conditional" not in result.model.calibration
     from backend.model.serving import SigRLPredictor
 
-    predictor = SigRLPredictor(result.model)
+    predictor = SigRLPredictor.from_settings(result.model, Settings())
     feats = fashion_set["test"]["features"][:16]
     known = [labels[:1] for labels in fashion_set["test"]["labels"][:16]]
     assert torch.equal(predictor.probabilities(feats, space, known), predictor.probabilities(feats, space))

@@ -27,7 +27,7 @@ def create_backbone(settings=None, kind: str | None = None, text_cache=None) -> 
     cfg = settings.backbone
     kind = kind or cfg.kind
     if text_cache is None:
-        text_cache = TextEmbeddingCache(settings.text_cache_path, settings.limits.text_cache_max_rows)
+        text_cache = TextEmbeddingCache.from_settings(settings)
 
     if kind in ("open_clip", "auto"):
         from .openclip import OpenClipBackbone
@@ -37,8 +37,8 @@ def create_backbone(settings=None, kind: str | None = None, text_cache=None) -> 
             if kind == "auto" and not oc.pretrained:
                 raise BackboneUnavailable("backbone.open_clip.pretrained is not set")
             backbone = OpenClipBackbone(
-                oc.model, oc.pretrained, cfg.device, cfg.network_probe_timeout_s, oc.model_configs,
-                image_fit=cfg.image_fit,
+                oc.model, oc.pretrained, cfg.device, probe_timeout=cfg.network_probe_timeout_s,
+                model_configs=oc.model_configs, image_fit=cfg.image_fit, text_batch_size=cfg.text_batch_size,
             )
         except BackboneUnavailable as exc:
             if kind == "open_clip":
@@ -61,7 +61,7 @@ def create_backbone(settings=None, kind: str | None = None, text_cache=None) -> 
     from .packaged import PackagedBackbone
 
     backbone = PackagedBackbone(cfg.packaged, settings.prompts.templates, text_cache, cfg.device,
-                                image_fit=cfg.image_fit)
+                                image_fit=cfg.image_fit, text_batch_size=cfg.text_batch_size)
     pk = cfg.packaged
     backbone.zero_shot_scale, backbone.zero_shot_bias = pk.zero_shot_scale, pk.zero_shot_bias
     backbone.selection_reason = reason

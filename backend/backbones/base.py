@@ -81,8 +81,8 @@ class Backbone(ABC):
 
     #: why this backbone was chosen, and its zero-shot calibration (set by the factory)
     selection_reason: str = ""
-    zero_shot_scale: float = 10.0
-    zero_shot_bias: float = 0.5
+    zero_shot_scale: float  # backbone.<kind>.zero_shot_scale
+    zero_shot_bias: float  # backbone.<kind>.zero_shot_bias
 
     @property
     def fingerprint(self) -> str:

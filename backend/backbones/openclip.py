@@ -126,15 +126,18 @@ class OpenClipBackbone(Backbone):
         model: str,
         pretrained: str | None,
         device: str = "auto",
-        probe_timeout: float = 2.0,
+        *,
+        probe_timeout: float,
         model_configs: Sequence[str] = (),
-        image_fit: str = "pad",
+        image_fit: str,
+        text_batch_size: int,
     ):
         import open_clip
 
         if image_fit not in IMAGE_FITS:
             raise ValueError(f"backbone.image_fit must be one of {IMAGE_FITS}, not {image_fit!r}")
         self.image_fit = image_fit
+        self.text_batch_size = text_batch_size
 
         for path in model_configs:  # model shapes live in config files, as in open_clip
             open_clip.add_model_config(os.path.expanduser(path))
@@ -213,7 +216,8 @@ class OpenClipBackbone(Backbone):
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         out = []
-        for start in range(0, len(texts), 256):
-            tokens = self.tokenizer(list(texts[start : start + 256])).to(self.device)
+        step = self.text_batch_size
+        for start in range(0, len(texts), step):
+            tokens = self.tokenizer(list(texts[start : start + step])).to(self.device)
             out.append(F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu())
         return torch.cat(out)

@@ -90,13 +90,14 @@ def imagenet_class_names(synonyms: int) -> list[list[str]]:
 class PackagedBackbone(Backbone):
     native_is_aligned = False
 
-    def __init__(self, settings, templates: Sequence[str], text_cache, device: str = "auto",
-                 image_fit: str = "pad"):
+    def __init__(self, settings, templates: Sequence[str], text_cache, device: str = "auto", *,
+                 image_fit: str, text_batch_size: int):
         if image_fit not in IMAGE_FITS:
             raise ValueError(f"backbone.image_fit must be one of {IMAGE_FITS}, not {image_fit!r}")
         self.device = resolve_device(device)
         self.cfg = settings
         self.image_fit = image_fit
+        self.text_batch_size = text_batch_size
         self.name = f"packaged:{IMAGE_WEIGHTS}+{TEXT_WEIGHTS}"
         self.feature_config = {
             "image_fit": image_fit,
@@ -152,7 +153,7 @@ class PackagedBackbone(Backbone):
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         vectors = self.text_model.encode(
-            list(texts), batch_size=256, convert_to_tensor=True, normalize_embeddings=True,
+            list(texts), batch_size=self.text_batch_size, convert_to_tensor=True, normalize_embeddings=True,
             show_progress_bar=False,
         )
         return vectors.float().cpu()

@@ -157,12 +157,12 @@ def fit_calibration(
     names: Sequence[str],
     mask: torch.Tensor | None = None,
     *,
-    shrinkage: float = 20.0,
-    rate_shrinkage: float = 200.0,
-    min_rate: float = 0.05,
-    prior_strength: float = 1.0,
-    rate_prior: float = 0.95,
-    iterations: int = 200,
+    shrinkage: float,
+    rate_shrinkage: float,
+    min_rate: float,
+    prior_strength: float,
+    rate_prior: float,
+    iterations: int,
     fixed_rate: float | None = None,
     per_label: bool = True,
 ) -> Calibration:
@@ -280,7 +280,7 @@ def fit_zero_shot_calibration(similarity: torch.Tensor, observed: torch.Tensor, 
     return scale, -cal.shared_offset / scale, cal.shared_rate
 
 
-def expected_calibration_error(probabilities: torch.Tensor, truth: torch.Tensor, bins: int = 15) -> float:
+def expected_calibration_error(probabilities: torch.Tensor, truth: torch.Tensor, *, bins: int) -> float:
     """ECE over every image–label pair: ``Σ_b (n_b / n) |mean p − mean y|`` in ``bins`` equal-width
     probability bins."""
     p = probabilities.detach().float().flatten()

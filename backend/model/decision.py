@@ -46,7 +46,7 @@ def _as_numpy(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def tick_gain(probabilities, wrong_tick_cost: float = 1.0, missed_tick_cost: float = 1.0) -> np.ndarray:
+def tick_gain(probabilities, *, wrong_tick_cost: float, missed_tick_cost: float) -> np.ndarray:
     r"""Expected toggles saved by ticking each label: :math:`g_c = b\,p_c - a\,(1 - p_c)`.
 
     Args:
@@ -64,8 +64,9 @@ def tick_gain(probabilities, wrong_tick_cost: float = 1.0, missed_tick_cost: flo
 
 def decide(
     probabilities,
-    wrong_tick_cost: float = 1.0,
-    missed_tick_cost: float = 1.0,
+    *,
+    wrong_tick_cost: float,
+    missed_tick_cost: float,
     min_labels: int = 0,
     max_labels: int | None = None,
 ) -> np.ndarray:
@@ -80,7 +81,7 @@ def decide(
     Returns:
         bool ``[B, C]`` (or ``[C]``): True where the label is pre-selected.
     """
-    gain = tick_gain(probabilities, wrong_tick_cost, missed_tick_cost)
+    gain = tick_gain(probabilities, wrong_tick_cost=wrong_tick_cost, missed_tick_cost=missed_tick_cost)
     squeeze = gain.ndim == 1
     if squeeze:
         gain = gain[None]
@@ -101,7 +102,7 @@ def decide(
 
 
 def expected_toggles(
-    probabilities, selected, wrong_tick_cost: float = 1.0, missed_tick_cost: float = 1.0
+    probabilities, selected, *, wrong_tick_cost: float, missed_tick_cost: float
 ) -> np.ndarray:
     r"""Expected toggles of a selection: :math:`\sum_{c\in S} a(1-p_c) + \sum_{c\notin S} b\,p_c`.
 
@@ -123,5 +124,7 @@ def preselect(probabilities, cfg, multiple: bool = True) -> np.ndarray:
 
     The benchmark calls this very function on each method's served probabilities."""
     if not multiple:
-        return decide(probabilities, cfg.wrong_tick_cost, cfg.missed_tick_cost, min_labels=1, max_labels=1)
-    return decide(probabilities, cfg.wrong_tick_cost, cfg.missed_tick_cost, max_labels=cfg.max_labels)
+        return decide(probabilities, wrong_tick_cost=cfg.wrong_tick_cost, missed_tick_cost=cfg.missed_tick_cost,
+                      min_labels=1, max_labels=1)
+    return decide(probabilities, wrong_tick_cost=cfg.wrong_tick_cost, missed_tick_cost=cfg.missed_tick_cost,
+                  max_labels=cfg.max_labels)

@@ -93,7 +93,7 @@ def build_label_graph(
 
 
 class GMC(nn.Module):
-    def __init__(self, dim: int, hidden: int = 32, heads: int = 4, dropout: float = 0.3):
+    def __init__(self, dim: int, *, hidden: int, heads: int, dropout: float):
         super().__init__()
         from torch_geometric.nn import GATv2Conv
 

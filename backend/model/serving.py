@@ -48,9 +48,11 @@ class SigRLPredictor(Predictor):
         self,
         model: TrainedModel,
         zero_shot: Predictor | None = None,
-        neighbours: int = 3,
-        co_occurring: int = 3,
-        batch_size: int = 256,
+        *,
+        neighbours: int,
+        co_occurring: int,
+        batch_size: int,
+        graph_cache: int,
         device: str | torch.device = "cpu",
     ):
         self.model = model
@@ -60,10 +62,19 @@ class SigRLPredictor(Predictor):
         self.neighbours = neighbours
         self.co_occurring = co_occurring
         self.batch_size = batch_size
+        self.graph_cache = graph_cache
         self.version = f"sigrl-{model.model_id or 'unsaved'}@{model.backbone.get('name', '?')}"
         self.taxonomy = Taxonomy(dict(model.taxonomy)) if model.taxonomy else None
         self._cache: dict[str, tuple] = {}
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, model: TrainedModel, settings, zero_shot: Predictor | None = None,
+                      device: str | torch.device = "cpu") -> "SigRLPredictor":
+        """The predictor with ``suggest.*`` and ``scoring.*`` of ``settings``."""
+        return cls(model, zero_shot, neighbours=settings.suggest.neighbours,
+                   co_occurring=settings.suggest.co_occurring, batch_size=settings.scoring.batch_size,
+                   graph_cache=settings.scoring.graph_cache, device=device)
 
     @property
     def labels_seen(self) -> list[str]:
@@ -84,7 +95,7 @@ class SigRLPredictor(Predictor):
         S = self.module.known_matrix(H, graph)
         entry = (graph, H, S)
         with self._lock:
-            if len(self._cache) > 16:
+            if len(self._cache) > self.graph_cache:
                 self._cache.clear()
             self._cache[key] = entry
         return entry
@@ -182,13 +193,7 @@ def load_predictor(
     :class:`~backend.errors.ModelLoadError` when the directory is incomplete or corrupt, or was
     trained on another backbone's features."""
     model = load_model(model_dir, expected_fingerprint=runtime.backbone.fingerprint, weights_sha256=weights_sha256)
-    suggest = runtime.settings.suggest
     if device is None:
         device = runtime.backbone.device if str(runtime.backbone.device).startswith("cuda") else "cpu"
-    return SigRLPredictor(
-        model,
-        zero_shot=runtime.zero_shot_predictor(),
-        neighbours=suggest.neighbours,
-        co_occurring=suggest.co_occurring,
-        device=device,
-    )
+    return SigRLPredictor.from_settings(model, runtime.settings, zero_shot=runtime.zero_shot_predictor(),
+                                        device=device)

@@ -86,7 +86,7 @@ class NativeProjection(nn.Module):
     linear probe on the native features (its rows for label c are ``ĥ_c^T W``).
     """
 
-    def __init__(self, native_dim: int, dim: int, hidden: int, dropout: float, rank: int = 0):
+    def __init__(self, native_dim: int, dim: int, *, hidden: int, dropout: float, rank: int):
         super().__init__()
         self.norm = FeatureNorm(native_dim)
         self.rank = int(rank) if 0 < rank < native_dim else 0
@@ -150,14 +150,15 @@ class SigRL(nn.Module):
         self.dim = dim
         self.native_dim = int(native_dim or dim)
         self.cfg = cfg
-        self.global_projection = NativeProjection(self.native_dim, dim, cfg.adapter_hidden, cfg.adapter_dropout,
-                                                  cfg.native_global_rank)
-        self.local_projection = NativeProjection(self.native_dim, dim, cfg.adapter_hidden, cfg.adapter_dropout,
-                                                 cfg.native_local_rank)
-        self.gmc = GMC(dim, cfg.gat_hidden, cfg.gat_heads, cfg.dropout) if cfg.use_gmc else None
+        self.global_projection = NativeProjection(self.native_dim, dim, hidden=cfg.adapter_hidden,
+                                                  dropout=cfg.adapter_dropout, rank=cfg.native_global_rank)
+        self.local_projection = NativeProjection(self.native_dim, dim, hidden=cfg.adapter_hidden,
+                                                 dropout=cfg.adapter_dropout, rank=cfg.native_local_rank)
+        self.gmc = GMC(dim, hidden=cfg.gat_hidden, heads=cfg.gat_heads, dropout=cfg.dropout) if cfg.use_gmc else None
         self.svfr = (
-            SVFR(dim, cfg.attn_dim, self.local_projection.width, cfg.local_top_k, cfg.global_weight,
-                 cfg.recon_temperature, cfg.chunk_size)
+            SVFR(dim, attn_dim=cfg.attn_dim, key_dim=self.local_projection.width, top_k=cfg.local_top_k,
+                 global_weight=cfg.global_weight, recon_temperature=cfg.recon_temperature,
+                 chunk_size=cfg.chunk_size)
             if cfg.use_svfr
             else None
         )

@@ -48,12 +48,13 @@ class SVFR(nn.Module):
     def __init__(
         self,
         dim: int,
-        attn_dim: int = 128,
+        *,
+        attn_dim: int,
         key_dim: int | None = None,
-        top_k: int = 3,
-        global_weight: float = 0.6,
-        recon_temperature: float = 10.0,
-        chunk_size: int = 64,
+        top_k: int,
+        global_weight: float,
+        recon_temperature: float,
+        chunk_size: int,
     ):
         super().__init__()
         self.top_k = top_k

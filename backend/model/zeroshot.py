@@ -50,7 +50,7 @@ class ZeroShotPredictor(Predictor):
     suggestions carry visual, text-neighbour and taxonomy reasons only.
     """
 
-    def __init__(self, backbone, global_weight: float, top_k: int, neighbours: int = 3):
+    def __init__(self, backbone, global_weight: float, top_k: int, neighbours: int):
         self.backbone = backbone
         self.global_weight = global_weight
         self.top_k = top_k
