@@ -53,7 +53,7 @@ class ModelSettings(Section):
 
 
 class LossSettings(Section):
-    """Partial-label loss, semantic loss and auxiliary terms (see ``worker/losses.py``)."""
+    """Partial-label loss, semantic loss and auxiliary terms (see ``worker/training/losses.py``)."""
 
     kind: Literal["an_ls", "em", "em_pl"]
     smoothing: float = Field(ge=0.0, lt=1.0)  # AN-LS ε
@@ -164,6 +164,6 @@ class BenchSettings(Section):
     ece_binning: Literal["equal_mass", "equal_width"]
     probe_lr: list[float]
     probe_weight_decay: list[float]
-    # The targets every run is checked against (worker/bench.py), and the training-time one.
+    # The targets every run is checked against (worker/bench/summary.py), and the training-time one.
     goals: dict[str, float | dict[str, float]]
     train_seconds_goal: float = Field(gt=0.0)
