@@ -191,55 +191,12 @@ def fit_calibration(
         return Calibration.identity(names)
     flat = z[m > 0]
     mu, sd = float(flat.mean()), float(flat.std().clamp(min=1e-6))
-    zs = (z - mu) / sd
-    lo = math.log(min_rate / (1 - min_rate))
-    # Where the scores cannot tell (they rank nothing), only c·P(y) is identified: the weak
-    # pull towards a high rate then reads unobserved labels as absent — the safe side for
-    # pre-selection (a flat map below 0.5 ticks nothing, costing what a blank task costs).
-    rate_prior_logit = math.log(rate_prior / (1 - rate_prior))
-
-    def rate_of(logit_c):
-        if fixed_rate is not None:
-            return torch.as_tensor(float(fixed_rate))
-        # c in [min_rate, 1): a soft floor keeps rare labels from explaining misses by c → 0
-        return torch.sigmoid(lo + F.softplus(logit_c - lo))
-
-    en = elkan_noto_rate(zs, o, m)
-    c0 = min(max(float(torch.nanmean(en)) if torch.isfinite(en).any() else 0.5, min_rate + 1e-3), 1.0 - 1e-3)
-    A = torch.tensor(1.0, requires_grad=True)
-    B = torch.tensor(0.0, requires_grad=True)
-    Cl = torch.tensor(math.log(c0 / (1 - c0)), requires_grad=True)
-    shared = [A, B] + ([Cl] if fixed_rate is None else [])
-
-    def shared_loss():
-        prior = 0.5 * prior_strength * ((A - 1.0) ** 2 + B ** 2)
-        if fixed_rate is None:
-            prior = prior + 0.5 * prior_strength * (Cl - rate_prior_logit) ** 2
-        return (_pu_nll(zs, o, m, A, B, rate_of(Cl)) + prior) / n_img
-
-    _minimise(shared, shared_loss, iterations)
-    A0, B0, C0 = A.detach(), B.detach(), Cl.detach()
+    fit = _PUFit((z - mu) / sd, o, m, min_rate=min_rate, prior_strength=prior_strength, rate_prior=rate_prior,
+                 iterations=iterations, fixed_rate=fixed_rate)
+    A0, B0, C0 = fit.shared()
     positives = (o * m).sum(0)
     if per_label:
-        a = A0.repeat(C).requires_grad_(True)
-        b = B0.repeat(C).requires_grad_(True)
-        common = C0.clone().requires_grad_(True)
-        # (i) per-label maps with one observation rate for all labels: the rate is pooled
-        # over labels, and not biased by a shared map that fits no label well
-        _minimise([a, b] + ([common] if fixed_rate is None else []), lambda: (
-            _pu_nll(zs, o, m, a, b, rate_of(common))
-            + 0.5 * prior_strength * ((a - A0) ** 2 + (b - B0) ** 2).sum()) / n_img, iterations)
-        C0 = common.detach()
-        a1, b1 = a.detach(), b.detach()
-        cl = C0.repeat(C).requires_grad_(True)
-        own = [a, b] + ([cl] if fixed_rate is None else [])
-
-        # (ii) per-label rates as well, pulled weakly towards (i)
-        def label_loss():
-            prior = 0.5 * prior_strength * ((a - a1) ** 2 + (b - b1) ** 2 + (cl - C0) ** 2).sum()
-            return (_pu_nll(zs, o, m, a, b, rate_of(cl)) + prior) / n_img
-
-        _minimise(own, label_loss, iterations)
+        a, b, cl, C0 = fit.per_label(A0, B0, C0)
         with torch.no_grad():
             w = positives / (positives + shrinkage) if shrinkage > 0 else torch.ones(C)
             wc = positives / (positives + rate_shrinkage) if rate_shrinkage > 0 else torch.ones(C)
@@ -249,13 +206,82 @@ def fit_calibration(
     else:
         a, b, cl = A0.repeat(C), B0.repeat(C), C0.repeat(C)
     with torch.no_grad():
-        c = rate_of(cl).expand(C)
+        c = fit.rate_of(cl).expand(C)
         # back to raw scores: σ(a (z − μ)/σ + b) = σ((a/σ) z + b − a μ/σ)
         return Calibration(
             list(names), (a / sd).tolist(), (b - a * mu / sd).tolist(), c.tolist(),
-            float(A0) / sd, float(B0) - float(A0) * mu / sd, float(rate_of(C0)),
+            float(A0) / sd, float(B0) - float(A0) * mu / sd, float(fit.rate_of(C0)),
             [int(x) for x in positives.tolist()], int(n_img),
         )
+
+
+class _PUFit:
+    """The likelihood fits behind :func:`fit_calibration`, on standardised scores ``zs [n, C]``."""
+
+    def __init__(self, zs, o, m, *, min_rate, prior_strength, rate_prior, iterations, fixed_rate):
+        self.zs, self.o, self.m = zs, o, m
+        self.n_img = zs.shape[0]
+        self.prior_strength, self.iterations, self.fixed_rate = prior_strength, iterations, fixed_rate
+        self.min_rate = min_rate
+        self.lo = math.log(min_rate / (1 - min_rate))
+        # Where the scores cannot tell (they rank nothing), only c·P(y) is identified: the weak
+        # pull towards a high rate then reads unobserved labels as absent — the safe side for
+        # pre-selection (a flat map below 0.5 ticks nothing, costing what a blank task costs).
+        self.rate_prior_logit = math.log(rate_prior / (1 - rate_prior))
+
+    def rate_of(self, logit_c):
+        if self.fixed_rate is not None:
+            return torch.as_tensor(float(self.fixed_rate))
+        # c in [min_rate, 1): a soft floor keeps rare labels from explaining misses by c → 0
+        return torch.sigmoid(self.lo + F.softplus(logit_c - self.lo))
+
+    def _nll(self, a, b, logit_c):
+        return _pu_nll(self.zs, self.o, self.m, a, b, self.rate_of(logit_c))
+
+    def _rates(self, *params):
+        """``params`` plus the rate parameter(s) when the rate is fitted."""
+        return list(params[:-1]) + ([params[-1]] if self.fixed_rate is None else [])
+
+    def shared(self):
+        """Step 1: the shared map ``(a, b, logit c)``, pulled weakly towards ``(1, 0, logit rate_prior)``."""
+        en = elkan_noto_rate(self.zs, self.o, self.m)
+        c0 = float(torch.nanmean(en)) if torch.isfinite(en).any() else 0.5
+        c0 = min(max(c0, self.min_rate + 1e-3), 1.0 - 1e-3)
+        A = torch.tensor(1.0, requires_grad=True)
+        B = torch.tensor(0.0, requires_grad=True)
+        Cl = torch.tensor(math.log(c0 / (1 - c0)), requires_grad=True)
+        k = self.prior_strength
+
+        def loss():
+            prior = 0.5 * k * ((A - 1.0) ** 2 + B ** 2)
+            if self.fixed_rate is None:
+                prior = prior + 0.5 * k * (Cl - self.rate_prior_logit) ** 2
+            return (self._nll(A, B, Cl) + prior) / self.n_img
+
+        _minimise(self._rates(A, B, Cl), loss, self.iterations)
+        return A.detach(), B.detach(), Cl.detach()
+
+    def per_label(self, A0, B0, C0):
+        """Step 2: per-label maps pulled towards the shared one — first with one pooled rate
+        (not biased by a shared map that fits no label well), then with per-label rates pulled
+        weakly towards it. Returns ``a, b, logit c`` per label and the pooled ``logit c``."""
+        C, k = self.zs.shape[1], self.prior_strength
+        a = A0.repeat(C).requires_grad_(True)
+        b = B0.repeat(C).requires_grad_(True)
+        common = C0.clone().requires_grad_(True)
+        _minimise(self._rates(a, b, common), lambda: (
+            self._nll(a, b, common) + 0.5 * k * ((a - A0) ** 2 + (b - B0) ** 2).sum()) / self.n_img,
+            self.iterations)
+        pooled = common.detach()
+        a1, b1 = a.detach(), b.detach()
+        cl = pooled.repeat(C).requires_grad_(True)
+
+        def label_loss():
+            prior = 0.5 * k * ((a - a1) ** 2 + (b - b1) ** 2 + (cl - pooled) ** 2).sum()
+            return (self._nll(a, b, cl) + prior) / self.n_img
+
+        _minimise(self._rates(a, b, cl), label_loss, self.iterations)
+        return a.detach(), b.detach(), cl.detach(), pooled
 
 
 def fit_options(cfg) -> dict:
