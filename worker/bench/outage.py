@@ -191,6 +191,17 @@ def run(out_dir: Path, *, n: int = 200, rate: float = 5.0, kill_after: int = 25,
         server.shutdown()
         service.close()
         pid_box[0].stop()
+    report = _report(burst, counts, service.events, replayed_at, n=n, rate=rate, kill_after=kill_after,
+                     outage_s=outage_s)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "outage.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _report(burst: dict, counts: dict, events, replayed_at: float, *, n: int, rate: float, kill_after: int,
+            outage_s: float) -> dict:
+    """``outage.json``: answers, latency with Redis up and down, replay time and the counts."""
     lat = burst["latency_ms"]
     down = [x for x, d in zip(lat, burst["during_outage"]) if d]
     up = [x for x, d in zip(lat, burst["during_outage"]) if not d]
@@ -206,12 +217,9 @@ def run(out_dir: Path, *, n: int = 200, rate: float = 5.0, kill_after: int = 25,
         "latency_ms": {"all": summary(lat), "redis_up": summary(up), "redis_down": summary(down)},
         "replay_done_s_after_restart": round(replayed_at - burst["restarted_at"], 3)
         if burst["restarted_at"] else None,
-        "spooled_total": service.events.spooled, "replayed_total": service.events.replayed,
+        "spooled_total": events.spooled, "replayed_total": events.replayed,
         **counts,
         "load_average_1m": round(os.getloadavg()[0], 2),
         "ok": counts["reached_training"] == n and counts["lost"] == 0 and counts["stored_twice"] == 0,
     }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "outage.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

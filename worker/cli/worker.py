@@ -154,62 +154,71 @@ def models_status(project, as_json) -> None:
     settings = get_settings()
     redis = _redis_or_none()
     store = _store(redis)
-    report = {}
-    for name in _projects(store, redis, project):
-        entry = {
-            "current": store.current(name),
-            "current_in_redis": store.redis_current(name) if redis is not None else None,
-            "pointer": store.pointer(name),
-            "refused": store.refusals(name),
-            "versions": len(store.versions(name)),
-        }
-        if redis is not None:
-            from rq.exceptions import NoSuchJobError
-
-            from backend.queue.contract import fetch_job
-            from backend.queue.debounce import training_state
-
-            state = training_state(redis, name, settings)
-            jobs = []
-            for job_id in state["jobs"][:10]:
-                try:
-                    jobs.append(_job_summary(fetch_job(redis, job_id)))
-                except NoSuchJobError:
-                    continue
-            entry.update(pending=state["pending"], running=state["running"], events=state["events"],
-                         folded_annotations=state["folded_annotations"], jobs=jobs)
-        report[name] = entry
+    report = {name: _project_status(store, redis, name, settings) for name in _projects(store, redis, project)}
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
         return
     if not report:
         click.echo("no projects yet")
-    for name, e in report.items():
-        agree = ""
-        if redis is not None and e["current_in_redis"] != e["current"]:
-            agree = f"  (Redis says {e['current_in_redis']})"
-        click.echo(f"project {name}: current {e['current'] or 'none (zero-shot)'}{agree}; {e['versions']} version(s)")
-        for version, info in e["refused"].items():
-            click.echo(f"  refused {version}: {info.get('reason')} ({info.get('ts')})")
-        if redis is None:
+    for name, entry in report.items():
+        _echo_project_status(name, entry, with_jobs=redis is not None)
+
+
+def _project_status(store, redis, name: str, settings) -> dict:
+    """One project's entry of ``semlabel models status``: versions, refusals and, with Redis,
+    the training jobs."""
+    entry = {
+        "current": store.current(name),
+        "current_in_redis": store.redis_current(name) if redis is not None else None,
+        "pointer": store.pointer(name),
+        "refused": store.refusals(name),
+        "versions": len(store.versions(name)),
+    }
+    if redis is None:
+        return entry
+    from rq.exceptions import NoSuchJobError
+
+    from backend.queue.contract import fetch_job
+    from backend.queue.debounce import training_state
+
+    state = training_state(redis, name, settings)
+    jobs = []
+    for job_id in state["jobs"][:10]:
+        try:
+            jobs.append(_job_summary(fetch_job(redis, job_id)))
+        except NoSuchJobError:
             continue
-        if e.get("pending"):
-            p = e["pending"]
-            due = float(p.get("due", 0))
-            when = _dt.datetime.fromtimestamp(due).strftime("%H:%M:%S") if due else "?"
-            click.echo(f"  pending {p.get('job_id')}: {p.get('count')} new event(s), due {when}")
-        if e.get("running"):
-            click.echo(f"  running {e['running'].get('job')} on {e['running'].get('host')}")
-        for j in e.get("jobs", []):
-            m = j["meta"]
-            bits = [j["status"]]
-            for key in ("stage", "epoch", "loss", "holdout_mAP", "version", "error"):
-                if m.get(key) is not None:
-                    val = m[key]
-                    bits.append(f"{key} {val:.4f}" if isinstance(val, float) else f"{key} {val}")
-            if j.get("reason") and j["reason"] != m.get("error"):
-                bits.append(f"reason: {j['reason']}")
-            click.echo(f"  job {j['id']}: " + ", ".join(bits))
+    entry.update(pending=state["pending"], running=state["running"], events=state["events"],
+                 folded_annotations=state["folded_annotations"], jobs=jobs)
+    return entry
+
+
+def _echo_project_status(name: str, e: dict, with_jobs: bool) -> None:
+    agree = ""
+    if with_jobs and e["current_in_redis"] != e["current"]:
+        agree = f"  (Redis says {e['current_in_redis']})"
+    click.echo(f"project {name}: current {e['current'] or 'none (zero-shot)'}{agree}; {e['versions']} version(s)")
+    for version, info in e["refused"].items():
+        click.echo(f"  refused {version}: {info.get('reason')} ({info.get('ts')})")
+    if not with_jobs:
+        return
+    if e.get("pending"):
+        p = e["pending"]
+        due = float(p.get("due", 0))
+        when = _dt.datetime.fromtimestamp(due).strftime("%H:%M:%S") if due else "?"
+        click.echo(f"  pending {p.get('job_id')}: {p.get('count')} new event(s), due {when}")
+    if e.get("running"):
+        click.echo(f"  running {e['running'].get('job')} on {e['running'].get('host')}")
+    for j in e.get("jobs", []):
+        m = j["meta"]
+        bits = [j["status"]]
+        for key in ("stage", "epoch", "loss", "holdout_mAP", "version", "error"):
+            if m.get(key) is not None:
+                val = m[key]
+                bits.append(f"{key} {val:.4f}" if isinstance(val, float) else f"{key} {val}")
+        if j.get("reason") and j["reason"] != m.get("error"):
+            bits.append(f"reason: {j['reason']}")
+        click.echo(f"  job {j['id']}: " + ", ".join(bits))
 
 
 @models.command("promote")
