@@ -120,7 +120,11 @@ def train_linear_probe(
     score, module, outcome, cfg, forward = best
     calibration = None
     if len(val_idx) > 0:
-        ccfg = calibration_cfg or CalibrationSettings()
+        if calibration_cfg is None:
+            from backend.settings import get_settings
+
+            calibration_cfg = get_settings().calibration
+        ccfg = calibration_cfg
         z = predict_logits(module, forward, features, val_idx, device)
         calibration = fit_calibration(z, Y[val_idx], names, **fit_options(ccfg))
     module.cpu()
