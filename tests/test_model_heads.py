@@ -203,6 +203,49 @@ def test_sigrl_shapes_chunking_and_known_labels():
     assert graph.cond[1, 0] > graph.cond[1, 4] == 0
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_features_reduced_once_score_as_the_features_themselves(native):
+    """Training reduces the native features by the projections' fixed part once; the heads
+    score the reduced batch (and its sub-batches, which stay reduced) as the original one —
+    known labels, SVFR's reconstruction loss and labels without annotations included."""
+    from backend.model.sigrl import ReducedImages
+
+    cfg = ModelSettings(adapter_hidden=16, gat_hidden=8, attn_dim=8, native_local_rank=6,
+                        unseen_raw_weight=0.5)
+    C = 5
+    names = [f"l{i}" for i in range(C)]
+    H, batch = _unit(C, D, seed=30), _batch(6, 31, native=native)
+    model = SigRL(D, cfg, 14.0, 0.6, native_dim=NATIVE if native else D)
+    model.fit_feature_stats(batch)
+    model = _trained_like(model, seed=32).eval()
+    model.known_active.fill_(1.0)
+    graph = label_graph(_stats(), names, H, cfg)  # l4 has no annotations: scored as unseen
+    known = torch.tensor([[1.0, 0, 0, 0, 0]] * 3 + [[0.0] * C] * 3)
+    reduced = model.reduce_native(batch)
+    assert isinstance(reduced, ReducedImages) and isinstance(reduced[1:4], ReducedImages)
+    assert reduced.native_local.shape == (6, P, 6)
+    assert model.reduce_native(reduced) is reduced
+    for sub in (slice(None), slice(1, 4)):
+        want, got = model(batch[sub], H, graph, known[sub]), model(reduced[sub], H, graph, known[sub])
+        for a, b in ((want.logits, got.logits), (want.visual_logits, got.visual_logits),
+                     (want.reconstruction_loss, got.reconstruction_loss)):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_observed_auc_is_the_mean_roc_auc_of_labels_with_both_classes():
+    from sklearn.metrics import roc_auc_score
+
+    from worker.train import observed_auc
+
+    gen = torch.Generator().manual_seed(40)
+    z = torch.randn(40, 6, generator=gen).round(decimals=1)  # ties, averaged as roc_auc_score does
+    y = (torch.rand(40, 6, generator=gen) < 0.3).float()
+    y[:, 0], y[:, 1] = 0.0, 1.0  # no positive / no negative: skipped
+    want = [roc_auc_score(y[:, c].numpy(), z[:, c].numpy()) for c in range(2, 6)]
+    assert observed_auc(z, y) == pytest.approx(sum(want) / len(want), abs=1e-12)
+    assert observed_auc(z[:, :2], y[:, :2]) != observed_auc(z[:, :2], y[:, :2])  # NaN: nothing to rank
+
+
 def test_every_parameter_is_label_independent():
     """No per-label rows: the same weights score 3 or 300 labels."""
     cfg = ModelSettings(adapter_hidden=16, gat_hidden=8, attn_dim=8, chunk_size=64, max_neighbours=8)
