@@ -239,7 +239,7 @@ def run_bench(
     curves: dict = {}
     calibrations: dict = {}
     saved_models: dict = {}
-    full_runs: list[tuple[int, float]] = []  # (training images, seconds) of every full-model run
+    full_runs: list[tuple[int, float, float]] = []  # (training images, wall s, CPU s) of every full-model run
     scratch = out / "models" / "runs"
     for mode in modes:
         examples, feats, export_report = train_sets[mode]
@@ -296,7 +296,7 @@ def run_bench(
                 runs.setdefault(name, []).append({**evaluate(visual, probs, conditional), "train_seconds": seconds,
                                                   "epochs": result.summary["epochs_run"]})
                 if name == FULL:
-                    full_runs.append((len(examples), seconds))
+                    full_runs.append((len(examples), seconds, result.summary["train_cpu_seconds"]))
                     runs.setdefault(name + ", known labels ignored", []).append(
                         {**evaluate(visual, probs), "train_seconds": seconds, "conditioning_only": True})
                 if seed == seeds[0]:
@@ -320,10 +320,12 @@ def run_bench(
 
     timing_info = None
     if timing:
-        thousand = [sec for n, sec in full_runs if n == 1000]
+        thousand = [sec for n, sec, _ in full_runs if n == 1000]
+        cpu = [c for n, _, c in full_runs if n == 1000]
         if len(thousand) >= bench.timing_repeats:
             timing_info = {"images": 1000, "seconds": [round(x, 2) for x in thousand],
                            "median_seconds": round(statistics.median(thousand), 2),
+                           "median_cpu_seconds": round(statistics.median(cpu), 2),
                            "load_average_1m": _machine().get("load_average_1m"),
                            "source": "the full-model runs of the benchmark"}
         elif "partial" in train_sets:
@@ -598,7 +600,10 @@ def render_markdown(payload: dict) -> dict:
             f"on {payload['machine']['cpu_count']} CPU cores (features {payload['seconds']['features']:.0f} s).")
     if timing:
         foot += (f" Training the full model on {timing['images']} annotated images: median "
-                 f"{timing['median_seconds']:.1f} s over {len(timing['seconds'])} runs ({', '.join(f'{s:.1f}' for s in timing['seconds'])} s).")
+                 f"{timing['median_seconds']:.1f} s over {len(timing['seconds'])} runs ({', '.join(f'{s:.1f}' for s in timing['seconds'])} s)"
+                 + (f", {timing['median_cpu_seconds']:.1f} CPU s" if "median_cpu_seconds" in timing else "")
+                 + f", {payload['machine']['torch_threads']} torch thread(s), load average "
+                 f"{timing.get('load_average_1m')}.")
     table = "\n".join(lines) + "\n" + foot + "\n"
     acc = payload["acceptance"]
     report = (
