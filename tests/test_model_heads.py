@@ -232,6 +232,35 @@ def test_features_reduced_once_score_as_the_features_themselves(native):
             assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_unseen_labels_lose_the_evidence_their_trained_neighbours_explain():
+    """unseen_explain_away: an unseen label's score moves by −β Σ_j a_uj (z_j − z_j^aligned)
+    over the trained labels j (a: the graph's edge weights into u, normalised); trained
+    labels keep their scores; β = 0 is the plain unseen path."""
+    C = 5
+    names = [f"l{i}" for i in range(C)]
+    H, batch = _unit(C, D, seed=50), _batch(4, 51)
+    base = ModelSettings(adapter_hidden=16, gat_hidden=8, attn_dim=8, native_local_rank=6)
+    plain = SigRL(D, base, 14.0, 0.6, native_dim=NATIVE)
+    plain.fit_feature_stats(batch)
+    plain = _trained_like(plain, seed=52).eval()
+    explaining = SigRL(D, base.model_copy(update={"unseen_explain_away": 0.5}), 14.0, 0.6, native_dim=NATIVE).eval()
+    explaining.load_state_dict(plain.state_dict())
+    graph = label_graph(_stats(), names, H, base)  # l4: no annotations
+    seen = graph.seen
+    assert seen.tolist() == [True, True, True, True, False]
+    with torch.no_grad():
+        want, got = plain(batch, H, graph).visual_logits, explaining(batch, H, graph).visual_logits
+        Hh = plain.label_embeddings(H, graph)
+        trained, _ = plain.visual(batch, Hh)
+        aligned, _ = plain.visual(batch, Hh, adapt=False)
+    assert torch.allclose(got[:, :4], want[:, :4], atol=1e-6)
+    a = graph.weights[4, :4] / graph.weights[4, :4].sum()
+    assert (a > 0).any()
+    shift = -0.5 * ((trained - aligned)[:, :4] @ a) * plain.zs_scale / base.logit_scale  # at the output scale
+    assert torch.allclose(got[:, 4] - want[:, 4], shift, atol=1e-5)
+    assert not torch.allclose(got[:, 4], want[:, 4])
+
+
 def test_observed_auc_is_the_mean_roc_auc_of_labels_with_both_classes():
     from sklearn.metrics import roc_auc_score
 

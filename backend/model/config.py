@@ -51,6 +51,8 @@ class ModelSettings(_Section):
     known_cooc_init: float = 1.0
     # Labels without training annotations: weight of the unadapted-feature path (0..1).
     unseen_raw_weight: float = Field(1.0, ge=0.0, le=1.0)
+    # ... and of the evidence its trained graph neighbours explain away (0: off).
+    unseen_explain_away: float = Field(0.0, ge=0.0)
 
 
 class LossSettings(_Section):

@@ -37,7 +37,8 @@ Pieces (each can be switched off for ablations, ``configs: model``):
   known labels the model is the visual model;
 - **labels without training annotations** are scored through the trained projection, GMC
   and SVFR from their text embedding, optionally mixed with the unprojected path
-  (:meth:`SigRL.score_unseen`, ``unseen_raw_weight``).
+  (:meth:`SigRL.score_unseen`, ``unseen_raw_weight``), and optionally minus what their
+  trained graph neighbours explain away (``unseen_explain_away``).
 """
 
 from __future__ import annotations
@@ -332,20 +333,38 @@ class SigRL(nn.Module):
         """Head-scale logits → output logits ``ρ (z_h − b₀)`` (module docstring)."""
         return (self.zs_scale / self.cfg.logit_scale) * (head_logits - self.zs_offset)
 
-    def score_unseen(self, visual, features: EncodedImages, H, seen, chunk_size=None):
+    def score_unseen(self, visual, features: EncodedImages, H, seen, chunk_size=None, weights=None):
         """Labels never annotated in training get ``(1 − w)·z_projected + w·z_aligned``
         (``w = unseen_raw_weight``). With ``w < 1`` they are scored through the trained
         projection and GMC: a new label gains from the visual evidence learnt for the
         trained labels it is related to (its GMC embedding gathers from them, and the
-        projection moved images towards their embeddings)."""
+        projection moved images towards their embeddings).
+
+        Explaining away (``β = unseen_explain_away > 0``, needs the graph's ``weights``): for an
+        unseen label u, ``z_u −= β Σ_j a_uj (z_j − z_j^aligned)`` over the trained labels j,
+        ``a_uj`` the graph weight of edge j → u normalised over them (text edges for a label
+        without counts) and ``z_j − z_j^aligned`` what training moved label j's score away
+        from the unprojected text path. The text path of a new label fires on whatever looks
+        like its neighbours (a new "Sandal" on every shoe); where a trained neighbour's score
+        rose above its text path (a sneaker the heads recognise), that evidence is the
+        neighbour's, and the new label's score falls; where it fell, it rises."""
         w = float(self.cfg.unseen_raw_weight)
-        unseen = (~seen.bool()).nonzero().flatten()
-        if w <= 0 or unseen.numel() == 0:
+        beta = float(self.cfg.unseen_explain_away)
+        seen = seen.bool()
+        unseen = (~seen).nonzero().flatten()
+        explain = beta > 0 and weights is not None and bool(seen.any())
+        if unseen.numel() == 0 or (w <= 0 and not explain):
             return visual
-        raw, _ = self.visual(features, H[unseen], chunk_size, adapt=False)
-        visual = visual.clone()
-        visual[:, unseen] = (1.0 - w) * visual[:, unseen] + w * raw
-        return visual
+        # the unprojected path of every label (explaining away) or of the unseen ones only
+        raw, _ = self.visual(features, H if explain else H[unseen], chunk_size, adapt=False)
+        out = visual.clone()
+        if w > 0:
+            out[:, unseen] = (1.0 - w) * visual[:, unseen] + w * (raw[:, unseen] if explain else raw)
+        if explain:
+            a = weights.to(visual.dtype)[unseen][:, seen]  # [U, S] edge weights j → u
+            a = a / a.sum(1, keepdim=True).clamp(min=1e-12)
+            out[:, unseen] = out[:, unseen] - beta * (visual[:, seen] - raw[:, seen]) @ a.T
+        return out
 
     # -- forward ---------------------------------------------------------------------------
     def forward(
@@ -376,7 +395,7 @@ class SigRL(nn.Module):
         the zero-shot model, ``heads_weight < 1``)."""
         head, recon = self.visual(features, H, chunk_size)
         if graph.seen is not None:
-            head = self.score_unseen(head, features, H, graph.seen, chunk_size)
+            head = self.score_unseen(head, features, H, graph.seen, chunk_size, graph.weights)
         head_logits, cooc = head, None
         if known is not None and self.cfg.use_known:
             if S is None:
