@@ -208,7 +208,7 @@ def test_features_reduced_once_score_as_the_features_themselves(native):
     """Training reduces the native features by the projections' fixed part once; the heads
     score the reduced batch (and its sub-batches, which stay reduced) as the original one —
     known labels, SVFR's reconstruction loss and labels without annotations included."""
-    from backend.model.sigrl import ReducedImages
+    from backend.model.projection import ReducedImages
 
     cfg = ModelSettings(adapter_hidden=16, gat_hidden=8, attn_dim=8, native_local_rank=6,
                         unseen_raw_weight=0.5)
