@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 class EncodedImages:
     """Features of a batch of images (what ``Backbone.encode_images`` returns, and what the
     heads take): native ``native_global [B, N]``, ``native_local [B, P, N]`` and text-aligned
-    ``global_ [B, D]``, ``local [B, P, D]``. Indexing with image indices gives a sub-batch."""
+    ``global_ [B, D]``, ``local [B, P, D]``. Indexing with image indices gives a sub-batch
+    (of the same class: a subclass marking how its native parts were transformed keeps it)."""
 
     native_global: torch.Tensor
     native_local: torch.Tensor
@@ -54,16 +55,16 @@ class EncodedImages:
         return int(self.global_.shape[0])
 
     def __getitem__(self, index) -> "EncodedImages":
-        return EncodedImages(*(t[index] for t in self.tensors()))
+        return type(self)(*(t[index] for t in self.tensors()))
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.native_global, self.native_local, self.global_, self.local
 
     def to(self, device, dtype: torch.dtype | None = None) -> "EncodedImages":
-        return EncodedImages(*(t.to(device=device, dtype=dtype) for t in self.tensors()))
+        return type(self)(*(t.to(device=device, dtype=dtype) for t in self.tensors()))
 
     def to_cpu_float(self) -> "EncodedImages":
-        return EncodedImages(*(t.float().cpu() for t in self.tensors()))
+        return type(self)(*(t.float().cpu() for t in self.tensors()))
 
     def nbytes(self) -> int:
         return sum(t.element_size() * t.numel() for t in self.tensors())

@@ -15,6 +15,7 @@ from backend.model.svfr import SVFR
 from backend.model.zeroshot import zero_shot_logits
 
 MODEL = Settings().model  # the heads' defaults (configs/default.yaml)
+FIT_ROWS = Settings().train.projection_fit_rows
 
 D, P, NATIVE = 32, 9, 48  # aligned width, locations, native width
 
@@ -142,7 +143,7 @@ def test_fresh_sigrl_is_the_zero_shot_model(native):
     names = [f"l{i}" for i in range(C)]
     H, batch = _unit(C, D, seed=5), _batch(4, 6, native)
     model = SigRL(D, cfg, zero_shot_scale=14.0, zero_shot_bias=0.6, native_dim=NATIVE if native else D)
-    model.fit_feature_stats(batch)
+    model.fit_feature_stats(batch, FIT_ROWS)
     model.eval()
     graph = label_graph(_stats(), names, H, cfg)
     out = model(batch, H, graph)
@@ -205,6 +206,78 @@ def test_sigrl_shapes_chunking_and_known_labels():
     assert graph.cond[1, 0] > graph.cond[1, 4] == 0
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_features_reduced_once_score_as_the_features_themselves(native):
+    """Training reduces the native features by the projections' fixed part once; the heads
+    score the reduced batch (and its sub-batches, which stay reduced) as the original one —
+    known labels, SVFR's reconstruction loss and labels without annotations included."""
+    from backend.model.projection import ReducedImages
+
+    cfg = MODEL.with_changes(adapter_hidden=16, gat_hidden=8, attn_dim=8, native_local_rank=6,
+                             unseen_raw_weight=0.5)
+    C = 5
+    names = [f"l{i}" for i in range(C)]
+    H, batch = _unit(C, D, seed=30), _batch(6, 31, native=native)
+    model = SigRL(D, cfg, 14.0, 0.6, native_dim=NATIVE if native else D)
+    model.fit_feature_stats(batch, FIT_ROWS)
+    model = _trained_like(model, seed=32).eval()
+    model.known_active.fill_(1.0)
+    graph = label_graph(_stats(), names, H, cfg)  # l4 has no annotations: scored as unseen
+    known = torch.tensor([[1.0, 0, 0, 0, 0]] * 3 + [[0.0] * C] * 3)
+    reduced = model.reduce_native(batch, Settings().scoring.batch_size)
+    assert isinstance(reduced, ReducedImages) and isinstance(reduced[1:4], ReducedImages)
+    assert reduced.native_local.shape == (6, P, 6)
+    assert model.reduce_native(reduced, 1) is reduced
+    for sub in (slice(None), slice(1, 4)):
+        want, got = model(batch[sub], H, graph, known[sub]), model(reduced[sub], H, graph, known[sub])
+        for a, b in ((want.logits, got.logits), (want.visual_logits, got.visual_logits),
+                     (want.reconstruction_loss, got.reconstruction_loss)):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_unseen_labels_lose_the_evidence_their_trained_neighbours_explain():
+    """unseen_explain_away: an unseen label's score moves by −β Σ_j a_uj (z_j − z_j^aligned)
+    over the trained labels j (a: the graph's edge weights into u, normalised); trained
+    labels keep their scores; β = 0 is the plain unseen path."""
+    C = 5
+    names = [f"l{i}" for i in range(C)]
+    H, batch = _unit(C, D, seed=50), _batch(4, 51)
+    base = MODEL.with_changes(adapter_hidden=16, gat_hidden=8, attn_dim=8, native_local_rank=6)
+    plain = SigRL(D, base, 14.0, 0.6, native_dim=NATIVE)
+    plain.fit_feature_stats(batch, FIT_ROWS)
+    plain = _trained_like(plain, seed=52).eval()
+    explaining = SigRL(D, base.with_changes(unseen_explain_away=0.5), 14.0, 0.6, native_dim=NATIVE).eval()
+    explaining.load_state_dict(plain.state_dict())
+    graph = label_graph(_stats(), names, H, base)  # l4: no annotations
+    seen = graph.seen
+    assert seen.tolist() == [True, True, True, True, False]
+    with torch.no_grad():
+        want, got = plain(batch, H, graph).visual_logits, explaining(batch, H, graph).visual_logits
+        Hh = plain.label_embeddings(H, graph)
+        trained, _ = plain.visual(batch, Hh)
+        aligned, _ = plain.visual(batch, Hh, adapt=False)
+    assert torch.allclose(got[:, :4], want[:, :4], atol=1e-6)
+    a = graph.weights[4, :4] / graph.weights[4, :4].sum()
+    assert (a > 0).any()
+    shift = -0.5 * ((trained - aligned)[:, :4] @ a) * plain.zs_scale / base.logit_scale  # at the output scale
+    assert torch.allclose(got[:, 4] - want[:, 4], shift, atol=1e-5)
+    assert not torch.allclose(got[:, 4], want[:, 4])
+
+
+def test_observed_auc_is_the_mean_roc_auc_of_labels_with_both_classes():
+    from sklearn.metrics import roc_auc_score
+
+    from worker.training.fit import observed_auc
+
+    gen = torch.Generator().manual_seed(40)
+    z = torch.randn(40, 6, generator=gen).round(decimals=1)  # ties, averaged as roc_auc_score does
+    y = (torch.rand(40, 6, generator=gen) < 0.3).float()
+    y[:, 0], y[:, 1] = 0.0, 1.0  # no positive / no negative: skipped
+    want = [roc_auc_score(y[:, c].numpy(), z[:, c].numpy()) for c in range(2, 6)]
+    assert observed_auc(z, y) == pytest.approx(sum(want) / len(want), abs=1e-12)
+    assert observed_auc(z[:, :2], y[:, :2]) != observed_auc(z[:, :2], y[:, :2])  # NaN: nothing to rank
+
+
 def test_every_parameter_is_label_independent():
     """No per-label rows: the same weights score 3 or 300 labels."""
     cfg = MODEL.with_changes(adapter_hidden=16, gat_hidden=8, attn_dim=8, chunk_size=64, max_neighbours=8)
@@ -233,7 +306,7 @@ def test_a_fresh_model_serves_exactly_the_zero_shot_probabilities_on_real_photos
     module = SigRL(bb.dim, MODEL, bb.zero_shot_scale, bb.zero_shot_bias, bb.native_dim)
     from backend.features import stack_all
 
-    module.fit_feature_stats(stack_all(feats))
+    module.fit_feature_stats(stack_all(feats), FIT_ROWS)
     stats = CooccurrenceStats.from_label_sets([["dog", "bicycle"], ["horse", "person"], ["dog", "truck"]])
     predictor = SigRLPredictor.from_settings(TrainedModel(module, labels, stats, {"name": bb.name}), runtime.settings)
     expected = runtime.zero_shot(feats, space)
@@ -260,7 +333,7 @@ def test_heads_that_learnt_nothing_useful_are_shrunk_back_to_zero_shot():
     nl = torch.randn(B, P, NATIVE, generator=gen).relu()
     batch = EncodedImages(nl.mean(1), nl, g, l)
     model = SigRL(D, cfg, 14.0, 0.3, native_dim=NATIVE)
-    model.fit_feature_stats(batch)
+    model.fit_feature_stats(batch, FIT_ROWS)
     _trained_like(model, seed=22).eval()  # "trained" on noise
     graph = label_graph(_stats(), names, H, cfg)
 

@@ -21,6 +21,8 @@ from worker.training.data import Example
 from worker.training.fit import sample_known
 from worker.training.train import train_model
 
+FIT_ROWS = Settings().train.projection_fit_rows
+
 FAST = Settings().train.with_changes(epochs=20, patience=20, batch_size=64, lr=3e-3, val_fraction=0.2, seed=0, known_rate=0.5)
 
 
@@ -64,7 +66,7 @@ def test_short_training_beats_the_untrained_model(trained, fashion_set, runtime,
     y = _y(fashion_set["test"]["labels"], space.names)
     untrained = SigRL(runtime.backbone.dim, settings.model, runtime.backbone.zero_shot_scale,
                       runtime.backbone.zero_shot_bias, runtime.backbone.native_dim)
-    untrained.fit_feature_stats(fashion_set["train"]["batch"])
+    untrained.fit_feature_stats(fashion_set["train"]["batch"], FIT_ROWS)
     from backend.model.checkpoint import TrainedModel
     from backend.model.cooccurrence import CooccurrenceStats
 

@@ -50,6 +50,8 @@ class ModelSettings(Section):
     known_cooc_init: float
     # Labels without training annotations: weight of the unadapted-feature path (0..1).
     unseen_raw_weight: float = Field(ge=0.0, le=1.0)
+    # ... and of the evidence its trained graph neighbours explain away (0: off).
+    unseen_explain_away: float = Field(ge=0.0)
 
 
 class LossSettings(Section):

@@ -23,7 +23,7 @@ Pieces (each can be switched off for ablations, ``configs: model``):
   model *is* the zero-shot model, logits included. The loss trains ``z_h``; served
   probabilities are a calibration of ``z`` (``backend/model/calibration.py``). After training the
   heads may be shrunk towards that zero-shot model, ``z = w z_heads + (1 − w) z_zero-shot``
-  (``heads_weight``, chosen on held-out data; see ``worker/training/train.py``);
+  (``heads_weight``, chosen on held-out data; see ``worker/train.py``);
 - **known labels** K (chosen by the annotator): a product of experts. A co-occurrence expert
   predicts each label from the known labels alone, ``u_c = b + mean_{j∈K} ⟨W ĥ_j, ĥ_c⟩ +
   γ_1 mean_{j∈K} P(c|j) + γ_2 log mean_{j∈K} P̂(c|j)`` — a learnable compatibility through the
@@ -37,7 +37,8 @@ Pieces (each can be switched off for ablations, ``configs: model``):
   known labels the model is the visual model;
 - **labels without training annotations** are scored through the trained projection, GMC
   and SVFR from their text embedding, optionally mixed with the unprojected path
-  (:meth:`SigRL.score_unseen`, ``unseen_raw_weight``).
+  (:meth:`SigRL.score_unseen`, ``unseen_raw_weight``), and optionally minus what their
+  trained graph neighbours explain away (``unseen_explain_away``).
 """
 
 from __future__ import annotations
@@ -51,85 +52,8 @@ import torch.nn.functional as F
 from ..features import EncodedImages
 from .config import ModelSettings
 from .gmc import GMC, LabelGraph
+from .projection import NativeProjection, ReducedImages
 from .svfr import SVFR
-
-
-class FeatureNorm(nn.Module):
-    """Per-dimension standardisation with fixed statistics (set once from training data)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("std", torch.ones(dim))
-
-    @torch.no_grad()
-    def fit(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.mean.copy_(x.mean(0))
-        self.std.copy_(x.std(0).clamp(min=1e-4))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-
-class NativeProjection(nn.Module):
-    """The learned map from a backbone's native features into the label-embedding space,
-    residual on the text-aligned features it starts from:
-
-    ``x' = normalise(x + W z + MLP(z))``, ``z = B^T std(n)``,
-
-    with ``x [.., D]`` the aligned feature, ``n [.., N]`` the native one, ``std`` a fixed
-    standardisation, ``B [N, r]`` a fixed orthonormal basis of the top-``r`` principal
-    directions of the standardised training features (identity when ``rank`` is 0, or not
-    fitted), ``W [D, r]`` and the MLP's last layer zero at first — so a fresh projection returns
-    ``x`` and the heads start as the zero-shot model. ``W`` alone makes the heads at least a
-    linear probe on the native features (its rows for label c are ``ĥ_c^T W``).
-    """
-
-    def __init__(self, native_dim: int, dim: int, *, hidden: int, dropout: float, rank: int):
-        super().__init__()
-        self.norm = FeatureNorm(native_dim)
-        self.rank = int(rank) if 0 < rank < native_dim else 0
-        width = self.rank or native_dim
-        if self.rank:
-            self.register_buffer("basis", torch.eye(native_dim)[:, : self.rank].clone())
-        self.width = width
-        self.linear = nn.Linear(width, dim)
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
-        self.hidden = hidden
-        if hidden > 0:
-            self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
-            nn.init.zeros_(self.mlp[-1].weight)
-            nn.init.zeros_(self.mlp[-1].bias)
-
-    @torch.no_grad()
-    def fit(self, native: torch.Tensor, max_rows: int = 20_000) -> None:
-        """Standardisation statistics (and the principal basis) of training features."""
-        flat = native.reshape(-1, native.shape[-1]).float()
-        if flat.shape[0] > max_rows:
-            flat = flat[torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(0))[:max_rows]]
-        self.norm.fit(flat)
-        if self.rank:
-            z = self.norm(flat)
-            z = z - z.mean(0)
-            # top-r eigenvectors of the covariance of the standardised features (the
-            # principal directions; an N × N eigenproblem, cheaper than an SVD of z)
-            _, vectors = torch.linalg.eigh(z.T @ z / max(1, z.shape[0] - 1))
-            self.basis.copy_(vectors[:, -self.rank :].flip(1))
-
-    def reduced(self, native: torch.Tensor) -> torch.Tensor:
-        """``z [.., width]``: the standardised native features in the projection's basis."""
-        z = self.norm(native)
-        return z @ self.basis if self.rank else z
-
-    def forward(self, aligned: torch.Tensor, native: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(projected features ``[.., D]``, L2-normalised; the reduced native input ``z``)."""
-        z = self.reduced(native)
-        delta = self.linear(z)
-        if self.hidden > 0:
-            delta = delta + self.mlp(z)
-        return F.normalize(aligned + delta, dim=-1), z
 
 
 @dataclass
@@ -191,17 +115,33 @@ class SigRL(nn.Module):
             self.cooc_bias = nn.Parameter(torch.zeros(()))
 
     # -- pieces ----------------------------------------------------------------------------
-    def fit_feature_stats(self, features: EncodedImages) -> None:
-        """Standardisation (and principal bases) of the native features, from training data."""
+    def fit_feature_stats(self, features: EncodedImages, max_rows: int) -> None:
+        """Standardisation (and principal bases) of the native features, from (a seeded sample
+        of at most ``max_rows`` rows of) training data."""
         features = self.inputs(features)
-        self.global_projection.fit(features.native_global)
-        self.local_projection.fit(features.native_local)
+        self.global_projection.fit(features.native_global, max_rows)
+        self.local_projection.fit(features.native_local, max_rows)
 
     def inputs(self, features: EncodedImages) -> EncodedImages:
         """The features as the projections read them (see ``reads_native``)."""
-        if float(self.reads_native) > 0:
+        if float(self.reads_native) > 0 or isinstance(features, ReducedImages):
             return features
         return EncodedImages.aligned_only(features.global_, features.local)
+
+    @torch.no_grad()
+    def reduce_native(self, features: EncodedImages, batch_size: int) -> ReducedImages:
+        """The features with their native parts reduced by the (fitted) projections' fixed
+        part; the heads score them exactly as the unreduced ones (up to float rounding)."""
+        if isinstance(features, ReducedImages):
+            return features
+        features = self.inputs(features)
+        parts = [features[start : start + batch_size] for start in range(0, len(features), batch_size)]
+        return ReducedImages(
+            torch.cat([self.global_projection.reduced(p.native_global) for p in parts]),
+            torch.cat([self.local_projection.reduced(p.native_local) for p in parts]),
+            features.global_,
+            features.local,
+        )
 
     def set_zero_shot_offset(self) -> None:
         """Remember the current bias as the one the heads start from (b₀, after the density
@@ -273,8 +213,9 @@ class SigRL(nn.Module):
         """(global ``[B, D]``, local ``[B, P, D]`` in the label-embedding space, the reduced
         native local features ``[B, P, r]`` that key SVFR's attention)."""
         features = self.inputs(features)
-        g, _ = self.global_projection(features.global_, features.native_global)
-        l, keys = self.local_projection(features.local, features.native_local)
+        is_reduced = isinstance(features, ReducedImages)
+        g, _ = self.global_projection(features.global_, features.native_global, is_reduced)
+        l, keys = self.local_projection(features.local, features.native_local, is_reduced)
         return g, l, keys
 
     def visual(self, features: EncodedImages, label_embeddings, chunk_size=None, adapt: bool = True):
@@ -284,7 +225,8 @@ class SigRL(nn.Module):
             g, l, keys = self.project(features)
         else:
             g, l = features.global_, features.local
-            keys = self.local_projection.reduced(self.inputs(features).native_local)
+            keys = (features.native_local if isinstance(features, ReducedImages)
+                    else self.local_projection.reduced(self.inputs(features).native_local))
         if self.svfr is not None:
             out = self.svfr(g, l, label_embeddings, target=features.local, chunk_size=chunk_size, key_input=keys)
             sim, recon = out.similarity, out.reconstruction_loss
@@ -305,20 +247,38 @@ class SigRL(nn.Module):
         """Head-scale logits → output logits ``ρ (z_h − b₀)`` (module docstring)."""
         return (self.zs_scale / self.cfg.logit_scale) * (head_logits - self.zs_offset)
 
-    def score_unseen(self, visual, features: EncodedImages, H, seen, chunk_size=None):
+    def score_unseen(self, visual, features: EncodedImages, H, seen, chunk_size=None, weights=None):
         """Labels never annotated in training get ``(1 − w)·z_projected + w·z_aligned``
         (``w = unseen_raw_weight``). With ``w < 1`` they are scored through the trained
         projection and GMC: a new label gains from the visual evidence learnt for the
         trained labels it is related to (its GMC embedding gathers from them, and the
-        projection moved images towards their embeddings)."""
+        projection moved images towards their embeddings).
+
+        Explaining away (``β = unseen_explain_away > 0``, needs the graph's ``weights``): for an
+        unseen label u, ``z_u −= β Σ_j a_uj (z_j − z_j^aligned)`` over the trained labels j,
+        ``a_uj`` the graph weight of edge j → u normalised over them (text edges for a label
+        without counts) and ``z_j − z_j^aligned`` what training moved label j's score away
+        from the unprojected text path. The text path of a new label fires on whatever looks
+        like its neighbours (a new "Sandal" on every shoe); where a trained neighbour's score
+        rose above its text path (a sneaker the heads recognise), that evidence is the
+        neighbour's, and the new label's score falls; where it fell, it rises."""
         w = float(self.cfg.unseen_raw_weight)
-        unseen = (~seen.bool()).nonzero().flatten()
-        if w <= 0 or unseen.numel() == 0:
+        beta = float(self.cfg.unseen_explain_away)
+        seen = seen.bool()
+        unseen = (~seen).nonzero().flatten()
+        explain = beta > 0 and weights is not None and bool(seen.any())
+        if unseen.numel() == 0 or (w <= 0 and not explain):
             return visual
-        raw, _ = self.visual(features, H[unseen], chunk_size, adapt=False)
-        visual = visual.clone()
-        visual[:, unseen] = (1.0 - w) * visual[:, unseen] + w * raw
-        return visual
+        # the unprojected path of every label (explaining away) or of the unseen ones only
+        raw, _ = self.visual(features, H if explain else H[unseen], chunk_size, adapt=False)
+        out = visual.clone()
+        if w > 0:
+            out[:, unseen] = (1.0 - w) * visual[:, unseen] + w * (raw[:, unseen] if explain else raw)
+        if explain:
+            a = weights.to(visual.dtype)[unseen][:, seen]  # [U, S] edge weights j → u
+            a = a / a.sum(1, keepdim=True).clamp(min=1e-12)
+            out[:, unseen] = out[:, unseen] - beta * (visual[:, seen] - raw[:, seen]) @ a.T
+        return out
 
     # -- forward ---------------------------------------------------------------------------
     def forward(
@@ -349,7 +309,7 @@ class SigRL(nn.Module):
         the zero-shot model, ``heads_weight < 1``)."""
         head, recon = self.visual(features, H, chunk_size)
         if graph.seen is not None:
-            head = self.score_unseen(head, features, H, graph.seen, chunk_size)
+            head = self.score_unseen(head, features, H, graph.seen, chunk_size, graph.weights)
         head_logits, cooc = head, None
         if known is not None and self.cfg.use_known:
             if S is None:

@@ -153,7 +153,10 @@ def _footnote(payload: dict) -> str:
             f"on {payload['machine']['cpu_count']} CPU cores (features {payload['seconds']['features']:.0f} s).")
     if timing:
         foot += (f" Training the full model on {timing['images']} annotated images: median "
-                 f"{timing['median_seconds']:.1f} s over {len(timing['seconds'])} runs ({', '.join(f'{s:.1f}' for s in timing['seconds'])} s).")
+                 f"{timing['median_seconds']:.1f} s over {len(timing['seconds'])} runs ({', '.join(f'{s:.1f}' for s in timing['seconds'])} s)"
+                 + (f", {timing['median_cpu_seconds']:.1f} CPU s" if "median_cpu_seconds" in timing else "")
+                 + f", {payload['machine']['torch_threads']} torch thread(s), load average "
+                 f"{timing.get('load_average_1m')}.")
     return foot
 
 

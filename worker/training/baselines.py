@@ -28,7 +28,7 @@ from backend.features import EncodedImages
 from backend.model.calibration import Calibration, fit_calibration, fit_options
 from backend.model.config import CalibrationSettings, LossSettings, TrainSettings
 from backend.model.cooccurrence import CooccurrenceStats, smoothed_conditional
-from backend.model.sigrl import FeatureNorm
+from backend.model.projection import FeatureNorm
 
 from .data import targets
 from .fit import fit, observed_auc, predict_logits, split_indices

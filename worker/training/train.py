@@ -208,8 +208,6 @@ def train_model(
     taxonomy = taxonomy if taxonomy is not None else space.taxonomy
     if not examples:
         raise ConfigError("no annotated examples to train on")
-    if tcfg.threads:
-        torch.set_num_threads(tcfg.threads)
     t_start = time.perf_counter()
     device = resolve_device(tcfg.device)
     if progress:
@@ -219,7 +217,8 @@ def train_model(
     Y = targets([e.positives for e in examples], names)
     train_idx, val_idx = split_indices(len(examples), tcfg.val_fraction, seed, tcfg.min_val_images)
     stats_train = CooccurrenceStats.from_label_sets([examples[i].positives for i in train_idx.tolist()])
-    module, graph, H = build_heads(feats, Y, train_idx, space, stats_train, mcfg, info, seed, device)
+    module, graph, H, feats = build_heads(feats, Y, train_idx, space, stats_train, mcfg, info, seed, device,
+                                          fit_rows=tcfg.projection_fit_rows, batch_size=settings.scoring.batch_size)
     forward = heads_forward(module, H.to(device), graph)
     outcome = fit(
         module, forward, feats, Y, train_idx, val_idx, PartialLabelLoss(lcfg, label_similarity(lcfg, names, H, taxonomy)),
@@ -249,7 +248,8 @@ def train_model(
         "known_expert": bool(known_active), "heads_weight": heads_weight,
         "shrink_scores": {str(k): (round(v, 5) if not math.isnan(v) else None) for k, v in shrink_scores.items()},
         "observation_rate": round(calibration["visual"].shared_rate, 4),
-        "train_seconds": round(outcome.seconds, 3), "total_seconds": round(time.perf_counter() - t_start, 3),
+        "train_seconds": round(outcome.seconds, 3), "train_cpu_seconds": round(outcome.cpu_seconds, 3),
+        "total_seconds": round(time.perf_counter() - t_start, 3),
         "device": str(device), "seed": seed,
     }
     model = TrainedModel(
@@ -266,19 +266,21 @@ def train_model(
 
 
 def build_heads(feats: EncodedImages, Y, train_idx, space: LabelSpace, stats, mcfg: ModelSettings, info: dict,
-                seed: int, device) -> tuple[SigRL, object, torch.Tensor]:
+                seed: int, device, *, fit_rows: int, batch_size: int) -> tuple[SigRL, object, torch.Tensor, EncodedImages]:
     """(fresh SigRL on ``device`` — feature statistics from the training images, logits
     shifted to the label density —, its label graph on ``device``, the text embeddings
-    ``H [C, D]`` on the CPU)."""
+    ``H [C, D]`` on the CPU, and ``feats`` with their native parts reduced by the
+    projections' fixed part: done once here, not in every training step)."""
     torch.manual_seed(seed)
     native_dim = int(feats.native_global.shape[1])
     module = SigRL(feats.global_.shape[1], mcfg, info["zero_shot_scale"], info["zero_shot_bias"], native_dim)
-    module.fit_feature_stats(feats[train_idx])
+    module.fit_feature_stats(feats[train_idx], fit_rows)
     H = space.embeddings.float()
     density = float(Y[train_idx].sum(1).mean() / max(1, len(space.names)))
     calibrate_init(module, feats[train_idx], H, mcfg.global_weight, mcfg.local_top_k, density)
+    reduced = module.reduce_native(feats, batch_size)
     module.to(device)
-    return module, label_graph(stats, space.names, H, mcfg).to(device), H
+    return module, label_graph(stats, space.names, H, mcfg).to(device), H, reduced
 
 
 def heads_forward(module: SigRL, H, graph) -> Callable:
