@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -93,6 +93,39 @@ def text_neighbours(space: LabelSpace, index: int, n: int) -> list[tuple[str, fl
 
 def taxonomy_path(space: LabelSpace, index: int) -> list[str]:
     return space.taxonomy.path(space.names[index]) if space.taxonomy is not None else []
+
+
+def ranked_suggestions(
+    space: LabelSpace,
+    probs: torch.Tensor,
+    known: Sequence[Sequence[str]] | None,
+    top_k: int,
+    min_probability: float,
+    reasons: Callable[[int, int, list[int]], Reasons],
+) -> list[list[Suggestion]]:
+    """The one suggestion builder: per image ``b`` of ``probs [B, C]``, the ``top_k`` most
+    probable labels that are not ``known`` and have ``P ≥ min_probability``, best first;
+    ``reasons(b, c, known_indices)`` explains label ``c``."""
+    mask = known_mask(space, known, probs.shape[0]).bool()
+    out = []
+    for b in range(probs.shape[0]):
+        row = probs[b].masked_fill(mask[b], -1.0)
+        known_idx = mask[b].nonzero().flatten().tolist()
+        items = []
+        for c in row.argsort(descending=True).tolist():
+            p = float(probs[b, c])
+            if len(items) >= top_k or row[c] < 0 or p < min_probability:
+                break  # sorted: nothing later qualifies
+            items.append(Suggestion(label=space.names[c], probability=round(p, 4), reasons=reasons(b, c, known_idx)))
+        out.append(items)
+    return out
+
+
+def co_occurring_support(space: LabelSpace, cond: torch.Tensor, known_idx: Sequence[int], c: int,
+                         n: int) -> list[tuple[str, float]]:
+    """The ``n`` chosen labels ``j`` most in favour of ``c``, by ``cond[j, c] = P(c | j) > 0``."""
+    pairs = ((space.names[j], round(float(cond[j, c]), 4)) for j in known_idx if cond[j, c] > 0)
+    return sorted(pairs, key=lambda kv: -kv[1])[:n]
 
 
 def known_mask(space: LabelSpace, known: Sequence[Sequence[str]] | None, batch: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ from ..labels import LabelSpace, Taxonomy
 from .batched import in_batches
 from .calibration import Calibration
 from .checkpoint import TrainedModel, load_model
-from .predictor import Predictor, Reasons, Suggestion, known_mask, text_neighbours
+from .predictor import Predictor, Reasons, co_occurring_support, known_mask, ranked_suggestions, text_neighbours
 from .sigrl import label_graph
 
 
@@ -148,39 +148,20 @@ class SigRLPredictor(Predictor):
         out_scores = self._scores(features, space, known)
         visual, probs = out_scores.visual, out_scores.conditional
         zero_shot = self.zero_shot.probabilities(features, space) if self.zero_shot is not None else None
-        mask = known_mask(space, known, len(features)).bool()
         cond = self.prepare(space)[0].cond.cpu()  # cond[j, c] = P(c | j), observed
         taxonomy = space.taxonomy or self.taxonomy
-        out = []
-        for b in range(len(features)):
-            row = probs[b].masked_fill(mask[b], -1.0)
-            known_idx = mask[b].nonzero().flatten().tolist()
-            items = []
-            for c in row.argsort(descending=True).tolist():
-                if len(items) >= top_k or row[c] < 0:
-                    break
-                p = float(probs[b, c])
-                if p < min_probability:
-                    break
-                support = sorted(
-                    ((space.names[j], round(float(cond[j, c]), 4)) for j in known_idx if cond[j, c] > 0),
-                    key=lambda kv: -kv[1],
-                )[: self.co_occurring]
-                items.append(
-                    Suggestion(
-                        label=space.names[c],
-                        probability=round(p, 4),
-                        reasons=Reasons(
-                            visual=round(float(visual[b, c]), 4),
-                            zero_shot=round(float(zero_shot[b, c]), 4) if zero_shot is not None else float("nan"),
-                            co_occurring=support,
-                            neighbours=text_neighbours(space, c, self.neighbours),
-                            taxonomy_path=taxonomy.path(space.names[c]) if taxonomy is not None else [],
-                        ),
-                    )
-                )
-            out.append(items)
-        return out
+
+        def reasons(b, c, known_idx):
+            support = co_occurring_support(space, cond, known_idx, c, self.co_occurring)
+            return Reasons(
+                visual=round(float(visual[b, c]), 4),
+                zero_shot=round(float(zero_shot[b, c]), 4) if zero_shot is not None else float("nan"),
+                co_occurring=support,
+                neighbours=text_neighbours(space, c, self.neighbours),
+                taxonomy_path=taxonomy.path(space.names[c]) if taxonomy is not None else [],
+            )
+
+        return ranked_suggestions(space, probs, known, top_k, min_probability, reasons)
 
 
 def load_predictor(

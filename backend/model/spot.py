@@ -50,7 +50,7 @@ import torch
 
 from ..features import Features
 from ..labels import LabelSpace
-from .predictor import Predictor, Reasons, Suggestion, known_mask, taxonomy_path, text_neighbours
+from .predictor import Predictor, Reasons, Suggestion, co_occurring_support, known_mask, taxonomy_path, text_neighbours
 
 
 @dataclass(frozen=True)
@@ -273,8 +273,7 @@ def suggest_at_spot(
         c = cand.index
         support = []
         if cond is not None:
-            support = sorted(((space.names[j], round(float(cond[j, c]), 4)) for j in chosen if cond[j, c] > 0),
-                             key=lambda kv: -kv[1])[:co_occurring]
+            support = co_occurring_support(space, cond, chosen, c, co_occurring)
         out.append(Suggestion(
             label=space.names[c],
             probability=round(cand.probability, 4),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..features import stack
-from .predictor import Predictor, Reasons, Suggestion, known_mask, taxonomy_path, text_neighbours
+from .predictor import Predictor, Reasons, ranked_suggestions, taxonomy_path, text_neighbours
 
 
 def topk_mean(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
@@ -67,27 +67,10 @@ class ZeroShotPredictor(Predictor):
 
     def suggest(self, features, space, known, top_k, min_probability=0.0):
         probs = self.probabilities(features, space, known)
-        mask = known_mask(space, known, len(features)).bool()
-        out = []
-        for b in range(len(features)):
-            row = probs[b].masked_fill(mask[b], -1.0)
-            order = row.argsort(descending=True)[:top_k]
-            items = []
-            for c in order.tolist():
-                p = float(probs[b, c])
-                if row[c] < 0 or p < min_probability:
-                    continue
-                items.append(
-                    Suggestion(
-                        label=space.names[c],
-                        probability=round(p, 4),
-                        reasons=Reasons(
-                            visual=round(p, 4),
-                            zero_shot=round(p, 4),
-                            neighbours=text_neighbours(space, c, self.neighbours),
-                            taxonomy_path=taxonomy_path(space, c),
-                        ),
-                    )
-                )
-            out.append(items)
-        return out
+
+        def reasons(b, c, _known):
+            p = round(float(probs[b, c]), 4)
+            return Reasons(visual=p, zero_shot=p, neighbours=text_neighbours(space, c, self.neighbours),
+                           taxonomy_path=taxonomy_path(space, c))
+
+        return ranked_suggestions(space, probs, known, top_k, min_probability, reasons)
