@@ -88,8 +88,8 @@ def latency(runtime, settings, photo: Path, runs: int) -> dict:
     from backend.store import ModelStore, ServedModels
 
     with tempfile.TemporaryDirectory() as tmp:
-        store = ModelStore(Path(tmp) / "models", redis=None)
-        served = ServedModels(store, runtime, redis=None, poll_interval_s=3600)
+        store = ModelStore.from_settings(root=Path(tmp) / "models", redis=None)
+        served = ServedModels.from_settings(store, runtime, redis=None, poll_interval_s=3600)
         app = create_app(s, runtime=runtime, redis=None, served=served, start_threads=False)
         client = app.test_client()
         body = {"tasks": [{"id": 1, "data": {"image": str(photo)},
