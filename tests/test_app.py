@@ -59,8 +59,8 @@ def make_app(settings, runtime, redis_client, tmp_path, loader=None, **kw):
     from backend.ls.app import create_app
     from backend.store import ModelStore, ServedModels
 
-    store = ModelStore(tmp_path / "models", redis=redis_client)
-    served = ServedModels(store, runtime, loader=loader, redis=redis_client, poll_interval_s=0.1)
+    store = ModelStore.from_settings(root=tmp_path / "models", redis=redis_client)
+    served = ServedModels.from_settings(store, runtime, loader=loader, redis=redis_client, poll_interval_s=0.1)
     return create_app(settings, runtime=runtime, redis=redis_client, served=served, start_threads=False, **kw)
 
 

@@ -249,12 +249,13 @@ def test_f1_a_redirect_from_label_studio_never_takes_the_token_elsewhere(build, 
 def test_f1_setting_the_webhook_header_never_follows_a_redirect(attacker, label_studio):
     from backend.ls.connection import LabelStudioConnection
     from backend.ls.webhooks import WebhookAuth
+    from backend.settings import get_settings
 
     # label-studio-sdk asks for /api/webhooks/ (its canonical path).
     attacker.routes["/api/webhooks/"] = lambda h: h.reply(200, b"[]", [("Content-Type", "application/json")])
     label_studio.routes["/api/webhooks/"] = redirect_to(f"{attacker.url}/api/webhooks/")
     with pytest.raises(RuntimeError, match="302"):
-        WebhookAuth("Basic eDp5").patch("7", LabelStudioConnection(label_studio.url, "ls-key"), "127.0.0.1:9090")
+        WebhookAuth("Basic eDp5", get_settings().backend.label_studio_api).patch("7", LabelStudioConnection(label_studio.url, "ls-key"), "127.0.0.1:9090")
     assert label_studio.requests[0][2] == "Token ls-key" and attacker.requests == []
 
 

@@ -54,8 +54,8 @@ def backend(private_redis, tmp_path, settings, runtime):
     back = settings.backend.model_copy(update={"review": settings.backend.review.model_copy(update={"enabled": False})})
     s = settings.model_copy(update={"data_dir": str(tmp_path / "data"), "backend": back})
     client = redis_client(s, private_redis.url)
-    store = ModelStore(tmp_path / "models", redis=client)
-    served = ServedModels(store, runtime, redis=client, poll_interval_s=60, start=False)
+    store = ModelStore.from_settings(root=tmp_path / "models", redis=client)
+    served = ServedModels.from_settings(store, runtime, redis=client, poll_interval_s=60, start=False)
     app = create_app(s, runtime=runtime, redis=client, served=served, start_threads=True)
     test_client = app.test_client()
 

@@ -60,11 +60,11 @@ def test_em_pl_by_hand():
     zero_shot = torch.tensor([[0.2, 0.7]])
     # θ = 0.5: the unknown label 1 (zero-shot 0.7) is a pseudo-positive of weight 1.
     expected = (LOG2 - math.log(SIG2)) / 2
-    assert em_pl(Z, Y, alpha=0.1, zero_shot=zero_shot, threshold=0.5).item() == pytest.approx(expected, abs=1e-6)
+    assert em_pl(Z, Y, alpha=0.1, zero_shot=zero_shot, threshold=0.5, weight=1.0).item() == pytest.approx(expected, abs=1e-6)
     # Weight 0.5 halves the pseudo-positive term; θ = 0.8 makes it a plain EM unknown again.
-    assert em_pl(Z, Y, zero_shot=zero_shot, threshold=0.5, weight=0.5).item() == pytest.approx(
+    assert em_pl(Z, Y, alpha=0.1, zero_shot=zero_shot, threshold=0.5, weight=0.5).item() == pytest.approx(
         (LOG2 - 0.5 * math.log(SIG2)) / 2, abs=1e-6)
-    assert em_pl(Z, Y, alpha=0.1, zero_shot=zero_shot, threshold=0.8).item() == pytest.approx(
+    assert em_pl(Z, Y, alpha=0.1, zero_shot=zero_shot, threshold=0.8, weight=1.0).item() == pytest.approx(
         em(Z, Y, alpha=0.1).item(), abs=1e-7)
 
 

@@ -9,6 +9,7 @@ from backend.labels import Label
 from backend.ls.config import ConfigCache, TaskDataError, parse_label_config
 from backend.ls.results import p_missing, preannotation, suggestions
 from backend.model.predictor import Reasons, Suggestion
+from backend.settings import get_settings
 
 MULTI = """<View>
   <Image name="photo" value="$image"/>
@@ -84,7 +85,8 @@ def test_image_source_comes_from_the_task_data():
 
 
 def test_cache_returns_the_same_parse_and_repeats_errors():
-    cache = ConfigCache()
+    backend = get_settings().backend
+    cache = ConfigCache(backend.reasons_textarea, backend.max_label_configs)
     assert cache.get(MULTI) is cache.get(MULTI)
     for _ in range(2):
         with pytest.raises(ConfigError):
@@ -101,7 +103,7 @@ def test_preannotation_picks_labels_over_the_threshold_and_at_least_one():
 
     cfg = parse_label_config(MULTI)
     scores = {("objects", "photo"): [0.9, 0.6, 0.2], ("scene", "detail"): [0.3, 0.4]}
-    pred = preannotation(cfg, scores, "v1", threshold=0.5, max_labels=10)
+    pred = preannotation(cfg, scores, "v1", threshold=0.5, max_labels=10, reasons_labels=10)
     objects, scene, reasons = pred["result"]
     assert objects["value"]["choices"] == ["cat", "puppy"]
     assert objects["score"] == pytest.approx(0.75)
@@ -113,10 +115,10 @@ def test_preannotation_picks_labels_over_the_threshold_and_at_least_one():
     assert LabelInterface(MULTI).validate_prediction(pred, return_errors=True) == []
     # nothing over the threshold: still one label; max_labels caps
     low = preannotation(cfg, {("objects", "photo"): [0.1, 0.3, 0.2], ("scene", "detail"): [0.6, 0.4]}, "v1",
-                        threshold=0.5, max_labels=10)
+                        threshold=0.5, max_labels=10, reasons_labels=10)
     assert low["result"][0]["value"]["choices"] == ["puppy"]
     capped = preannotation(cfg, {("objects", "photo"): [0.9, 0.8, 0.7], ("scene", "detail"): [0.6, 0.4]}, "v1",
-                           threshold=0.5, max_labels=2)
+                           threshold=0.5, max_labels=2, reasons_labels=10)
     assert capped["result"][0]["value"]["choices"] == ["cat", "puppy"]
 
 

@@ -21,8 +21,8 @@ def service(settings, runtime, redis_conn, tmp_path):
     review = settings.backend.review.model_copy(update={"max_attempts": 3, "retry_after_s": 0.2})
     s = settings.model_copy(update={"backend": settings.backend.model_copy(update={"review": review}),
                                     "label_studio_url": None, "label_studio_api_key": None})
-    store = ModelStore(tmp_path / "models", redis=redis_conn)
-    served = ServedModels(store, runtime, redis=None, poll_interval_s=60, start=False)
+    store = ModelStore.from_settings(root=tmp_path / "models", redis=redis_conn)
+    served = ServedModels.from_settings(store, runtime, redis=None, poll_interval_s=60, start=False)
     svc = BackendService(s, runtime=runtime, redis=redis_conn, served=served, start_threads=False)
     yield svc
     svc.close()

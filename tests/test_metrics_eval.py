@@ -81,7 +81,7 @@ def test_edit_cost_f1_and_unseen_label_ap_by_hand():
     # TP 2 (a of task 0, c of task 1), FP 1, FN 3 -> micro-F1 4 / 8; per label: a 2/3, b 0, c 2/3, d 0.
     assert f["micro-F1"] == pytest.approx(0.5) and f["macro-F1"] == pytest.approx((2 / 3 + 0 + 2 / 3 + 0) / 4)
     assert (f["micro-precision"], f["micro-recall"]) == (pytest.approx(2 / 3), pytest.approx(2 / 5))
-    m = selection_metrics(s.float() * 0.9, s, y)
+    m = selection_metrics(s.float() * 0.9, s, y, bins=15, strategy="equal_mass")
     assert m["edit_cost"] == pytest.approx(4 / 3, abs=1e-4) and m["blank_edit_cost"] == pytest.approx(5 / 3, abs=1e-4)
     assert m["edit_cost_vs_blank"] == pytest.approx(0.8, abs=1e-4) and m["selected_per_task"] == pytest.approx(1.0)
     scores = torch.tensor([[0.9, 0.1, 0.2, 0.3], [0.1, 0.2, 0.8, 0.4], [0.3, 0.9, 0.1, 0.2]])

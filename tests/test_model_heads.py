@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from backend.features import EncodedImages
-from backend.settings import Settings
+from backend.settings import Settings, get_settings
 from backend.model.cooccurrence import CooccurrenceStats
 from backend.model.gmc import GMC, build_label_graph
 from backend.model.sigrl import SigRL, label_graph
@@ -342,7 +342,8 @@ def test_heads_that_learnt_nothing_useful_are_shrunk_back_to_zero_shot():
         return out.logits, None, out.visual_logits, None
 
     val = torch.arange(B)
-    w, scores = choose_heads_weight(model, forward, batch, H, Y, val, [0.0, 0.5, 1.0], torch.device("cpu"))
+    w, scores = choose_heads_weight(model, forward, batch, H, Y, val, [0.0, 0.5, 1.0], torch.device("cpu"),
+                                   get_settings().scoring.batch_size)
     assert scores[0.0] > scores[1.0] and w < 1.0
     served = model(batch, H, graph).logits
     assert observed_auc(served, Y) >= scores[1.0]  # what is served is at least as good as the heads

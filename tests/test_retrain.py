@@ -257,7 +257,7 @@ def test_a_corrupted_version_is_refused_and_the_previous_keeps_serving(stack, ph
     run = retrain_once(stack, 302, photos)
     good = run["version"]
     r = redis_lib.Redis.from_url(stack.redis_url)
-    store = ModelStore(stack.env["SEMLABEL_STORE__ROOT"], r)
+    store = ModelStore.from_settings(root=stack.env["SEMLABEL_STORE__ROOT"], redis=r)
     src = store.version_dir(302, good)
     names = list(TRUTH)[:3]
     reference = [scores_of(e) for e in stack.predict(302, photos, names)]
@@ -310,7 +310,7 @@ def test_a_worker_killed_mid_training_changes_nothing_served_and_the_job_is_retr
     from backend.store import ModelStore
 
     r = redis_lib.Redis.from_url(stack.redis_url)
-    store = ModelStore(stack.env["SEMLABEL_STORE__ROOT"], r)
+    store = ModelStore.from_settings(root=stack.env["SEMLABEL_STORE__ROOT"], redis=r)
     run = retrain_once(stack, 303, photos)
     v1 = run["version"]
     # Stop the shared worker; a doomed one takes the next job.

@@ -218,7 +218,9 @@ def test_a_sigrl_model_scores_the_spot_with_its_adapted_features_attention_and_c
     feats = runtime.features.get_or_compute([ImageBlob(str(path), path.read_bytes())])[0]
     space = runtime.label_space(LABELS)
     items = suggest_at_spot(predictor, feats, space, ["dog", "person"], Spot(0.78, 0.52, width=640, height=424),
-                            top_k=3, min_probability=0.0, sigma=1.5, gain=5.0, fraction=crop_fraction(bb))
+                            top_k=3, min_probability=0.0, sigma=1.5, gain=5.0, fraction=crop_fraction(bb),
+                            co_occurring=runtime.settings.suggest.co_occurring,
+                            neighbours=runtime.settings.suggest.neighbours)
     assert len(items) == 3 and all(s.label not in ("dog", "person") for s in items)
     assert [s.probability for s in items] == sorted((s.probability for s in items), reverse=True)
     horse = next((s for s in items if s.label == "horse"), None)

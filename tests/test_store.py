@@ -45,7 +45,7 @@ def test_version_ids_sort_by_time_and_never_collide():
 
 
 def test_publish_is_atomic_and_pointer_file_and_redis_agree(tmp_path, redis_conn):
-    store = ModelStore(tmp_path / "models", redis_conn)
+    store = ModelStore.from_settings(root=tmp_path / "models", redis=redis_conn)
     pubsub = redis_conn.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(store.channel)
     result = _publish(store, 7, {"cat": 1.0, "dog": -1.0}, 0.5)
@@ -71,7 +71,7 @@ def test_publish_is_atomic_and_pointer_file_and_redis_agree(tmp_path, redis_conn
 
 
 def test_publish_without_redis_still_moves_the_pointer(tmp_path):
-    store = ModelStore(tmp_path / "m")
+    store = ModelStore.from_settings(root=tmp_path / "m")
     result = _publish(store, "p1", {"a": 0.0}, None)
     assert store.current("p1") == result.version
     assert store.redis_current("p1") is None
@@ -81,13 +81,13 @@ def test_a_killed_writer_leaves_no_visible_version(tmp_path):
     """SIGKILL a real process while it writes a model: no version appears, the pointer is
     unchanged, and the staging leftovers are pruned once stale."""
     root = tmp_path / "models"
-    store = ModelStore(root)
+    store = ModelStore.from_settings(root=root)
     first = _publish(store, 3, {"a": 1.0}, 0.4)
     script = textwrap.dedent(f"""
         import os, sys, time
         sys.path.insert(0, {str(REPO)!r})
         from backend.store import ModelStore
-        store = ModelStore({str(root)!r})
+        store = ModelStore.from_settings(root={str(root)!r})
         with store.staging(3) as tmp:
             with open(tmp / "weights.bin", "wb") as fh:
                 print("writing", flush=True)
@@ -109,7 +109,7 @@ def test_a_killed_writer_leaves_no_visible_version(tmp_path):
 
 
 def test_metric_gate_keeps_worse_versions_unpromoted_with_a_reason(tmp_path, redis_conn):
-    store = ModelStore(tmp_path / "m", redis_conn, gate_margin=0.02)
+    store = ModelStore.from_settings(root=tmp_path / "m", redis=redis_conn, gate_margin=0.02)
     v1 = _publish(store, 1, {"a": 1.0}, 0.80)
     worse = _publish(store, 1, {"a": 2.0}, 0.70)
     assert not worse.promoted
@@ -132,7 +132,7 @@ def test_metric_gate_keeps_worse_versions_unpromoted_with_a_reason(tmp_path, red
 
 
 def test_the_latest_unserved_training_is_known_until_something_is_served(tmp_path, redis_conn):
-    store = ModelStore(tmp_path / "m", redis_conn, gate_margin=0.02)
+    store = ModelStore.from_settings(root=tmp_path / "m", redis=redis_conn, gate_margin=0.02)
     assert store.unserved(1) is None and store.history_stamp(1) is None
     v1 = _publish(store, 1, {"a": 1.0}, 0.80)
     assert store.unserved(1) is None
@@ -154,7 +154,7 @@ def test_the_latest_unserved_training_is_known_until_something_is_served(tmp_pat
 
 
 def test_promote_and_rollback(tmp_path, redis_conn):
-    store = ModelStore(tmp_path / "m", redis_conn)
+    store = ModelStore.from_settings(root=tmp_path / "m", redis=redis_conn)
     v1 = _publish(store, 5, {"a": 1.0}, 0.5)
     v2 = _publish(store, 5, {"a": 1.0}, 0.6)
     v3 = _publish(store, 5, {"a": 1.0}, 0.3)  # not promoted
@@ -173,7 +173,7 @@ def test_promote_and_rollback(tmp_path, redis_conn):
 
 
 def test_rollback_skips_a_corrupted_version(tmp_path):
-    store = ModelStore(tmp_path / "m")
+    store = ModelStore.from_settings(root=tmp_path / "m")
     v1 = _publish(store, 2, {"a": 1.0}, 0.5)
     v2 = _publish(store, 2, {"a": 1.0}, 0.6)
     v3 = _publish(store, 2, {"a": 1.0}, 0.7)
@@ -184,7 +184,7 @@ def test_rollback_skips_a_corrupted_version(tmp_path):
 
 
 def test_corrupted_version_is_detected(tmp_path):
-    store = ModelStore(tmp_path / "m")
+    store = ModelStore.from_settings(root=tmp_path / "m")
     v = _publish(store, 4, {"a": 1.0}, 0.5)
     weights = store.version_dir(4, v.version) / "weights.json"
     weights.write_text(weights.read_text()[:-1] + "9")  # same size, different bytes
@@ -199,7 +199,7 @@ def test_corrupted_version_is_detected(tmp_path):
 
 
 def test_prune_keeps_current_and_rollback_targets(tmp_path):
-    store = ModelStore(tmp_path / "m", keep_versions=3)
+    store = ModelStore.from_settings(root=tmp_path / "m", keep_versions=3)
     results = [_publish(store, 9, {"a": 1.0}, 0.5 + i * 0.01) for i in range(6)]
     kept = [v.version for v in store.versions(9)]
     assert len(kept) == 3 and results[-1].version in kept and results[-2].version in kept
@@ -207,10 +207,10 @@ def test_prune_keeps_current_and_rollback_targets(tmp_path):
 
 # ------------------------------------------------------------------------------ serving
 def test_served_models_fall_back_to_zero_shot_then_hot_swap_via_pubsub(tmp_path, redis_conn):
-    store = ModelStore(tmp_path / "m", redis_conn)
+    store = ModelStore.from_settings(root=tmp_path / "m", redis=redis_conn)
     zero = TinyPredictor({}, version="zero-shot@test")
     # A long poll interval: only the Redis notification can make the swap quick.
-    served = ServedModels(store, None, load_tiny, redis_conn, poll_interval_s=60, fallback=zero)
+    served = ServedModels.from_settings(store, None, load_tiny, redis_conn, poll_interval_s=60, fallback=zero)
     try:
         assert served.get(11) is zero and served.served_version(11) is None
         time.sleep(0.3)  # let the subscriber connect
@@ -236,10 +236,10 @@ def test_a_notification_refreshes_only_the_project_it_names(tmp_path, redis_conn
     project loads that project only; a message naming none, and a reconnection to Redis,
     check every watched project."""
     prefix = f"test-{os.getpid()}-{time.monotonic_ns()}"  # a channel of its own on a shared Redis
-    quiet = ModelStore(tmp_path / "m", key_prefix=prefix)  # moves pointers without announcing them
+    quiet = ModelStore.from_settings(root=tmp_path / "m", key_prefix=prefix)  # moves pointers without announcing them
     channel = quiet.channel
     a1, b1 = _publish(quiet, 31, {"cat": 1.0}, 0.5), _publish(quiet, 32, {"cat": 1.0}, 0.5)
-    served = ServedModels(quiet, None, load_tiny, redis_conn, poll_interval_s=60,
+    served = ServedModels.from_settings(quiet, None, load_tiny, redis_conn, poll_interval_s=60,
                           fallback=TinyPredictor({}, "zero"))
     try:
         assert (served.get(31).version, served.get(32).version) == (a1.version, b1.version)
@@ -263,9 +263,9 @@ def test_a_notification_refreshes_only_the_project_it_names(tmp_path, redis_conn
 
 
 def test_served_models_poll_without_redis(tmp_path):
-    store = ModelStore(tmp_path / "m")
+    store = ModelStore.from_settings(root=tmp_path / "m")
     v1 = _publish(store, 12, {"cat": 1.0}, 0.5)
-    served = ServedModels(store, None, load_tiny, None, poll_interval_s=0.1,
+    served = ServedModels.from_settings(store, None, load_tiny, None, poll_interval_s=0.1,
                           fallback=TinyPredictor({}, "zero"))
     try:
         assert served.get(12).version == v1.version
@@ -281,10 +281,10 @@ def test_the_watched_projects_are_bounded_and_expire(tmp_path):
     5 000 made-up ids meant 5 000 stats every poll. Now at most `max_projects`, least recently
     requested forgotten first, and idle ones forgotten after `idle_s`; a forgotten project
     still serves its current version on its next request."""
-    store = ModelStore(tmp_path / "m")
+    store = ModelStore.from_settings(root=tmp_path / "m")
     v1 = _publish(store, 1, {"cat": 1.0}, 0.5)
     zero = TinyPredictor({}, "zero")
-    served = ServedModels(store, None, load_tiny, None, poll_interval_s=0.05, fallback=zero,
+    served = ServedModels.from_settings(store, None, load_tiny, None, poll_interval_s=0.05, fallback=zero,
                           max_projects=10, idle_s=3600)
     try:
         assert served.get(1).version == v1.version
@@ -301,9 +301,9 @@ def test_the_watched_projects_are_bounded_and_expire(tmp_path):
 
 
 def test_a_version_that_fails_to_load_is_refused_and_the_previous_keeps_serving(tmp_path, redis_conn):
-    store = ModelStore(tmp_path / "m", redis_conn)
+    store = ModelStore.from_settings(root=tmp_path / "m", redis=redis_conn)
     v1 = _publish(store, 13, {"cat": 1.0}, 0.5)
-    served = ServedModels(store, None, load_tiny, redis_conn, poll_interval_s=0.1,
+    served = ServedModels.from_settings(store, None, load_tiny, redis_conn, poll_interval_s=0.1,
                           fallback=TinyPredictor({}, "zero"))
     try:
         assert served.get(13).version == v1.version
@@ -331,11 +331,11 @@ def test_a_version_that_fails_to_load_is_refused_and_the_previous_keeps_serving(
 
 
 def test_a_fresh_backend_skips_a_broken_current_version(tmp_path):
-    store = ModelStore(tmp_path / "m")
+    store = ModelStore.from_settings(root=tmp_path / "m")
     v1 = _publish(store, 14, {"cat": 1.0}, 0.5)
     v2 = _publish(store, 14, {"cat": 2.0}, 0.6)
     (store.version_dir(14, v2.version) / "weights.json").unlink()
-    served = ServedModels(store, None, load_tiny, None, poll_interval_s=5, fallback=TinyPredictor({}, "zero"))
+    served = ServedModels.from_settings(store, None, load_tiny, None, poll_interval_s=5, fallback=TinyPredictor({}, "zero"))
     try:
         assert served.get(14).version == v1.version
         assert v2.version in store.refusals(14)
@@ -345,7 +345,7 @@ def test_a_fresh_backend_skips_a_broken_current_version(tmp_path):
 
 def test_requests_never_wait_for_a_reload(tmp_path):
     """A slow loader runs in the background while get() keeps answering with the old model."""
-    store = ModelStore(tmp_path / "m")
+    store = ModelStore.from_settings(root=tmp_path / "m")
     _publish(store, 15, {"cat": 1.0}, 0.5)
     gate, entered = threading.Event(), threading.Event()
 
@@ -356,7 +356,7 @@ def test_requests_never_wait_for_a_reload(tmp_path):
         return load_tiny(path)
 
     zero = TinyPredictor({}, "z")
-    served = ServedModels(store, None, slow_loader, None, poll_interval_s=0.05, fallback=zero)
+    served = ServedModels.from_settings(store, None, slow_loader, None, poll_interval_s=0.05, fallback=zero)
     try:
         first = served.get(15)
         assert served.get(16) is zero  # a project without versions
@@ -373,7 +373,7 @@ def test_requests_never_wait_for_a_reload(tmp_path):
 
 
 def test_a_first_version_must_not_be_worse_than_zero_shot_when_it_was_measured(tmp_path):
-    store = ModelStore(tmp_path / "m", gate_margin=0.02)
+    store = ModelStore.from_settings(root=tmp_path / "m", gate_margin=0.02)
     zs = {"version": "zero-shot@packaged", "metrics": {"mAP": 0.9}}
     worse = _publish(store, 21, {"a": 1.0}, 0.8, baseline=zs)
     assert not worse.promoted and "zero-shot@packaged" in worse.reason and store.current(21) is None
@@ -396,7 +396,7 @@ def test_the_store_hashes_a_real_checkpoint_once_when_it_serves_it(tmp_path, run
     module = SigRL(bb.dim, settings.model, bb.zero_shot_scale, bb.zero_shot_bias, bb.native_dim)
     model = TrainedModel(module, ["cat", "dog"], CooccurrenceStats.from_label_sets([["cat"], ["dog"]]),
                          bb.describe())
-    store = ModelStore(tmp_path / "m")
+    store = ModelStore.from_settings(root=tmp_path / "m")
     with store.staging(41) as tmp:
         save_model(model, tmp, metrics={"mAP": 0.5})
         first = store.publish(41, tmp)
@@ -409,7 +409,7 @@ def test_the_store_hashes_a_real_checkpoint_once_when_it_serves_it(tmp_path, run
     hashed = []
     monkeypatch.setattr(checkpoint, "hashlib", types.SimpleNamespace(
         sha256=lambda data=b"": hashed.append(len(data)) or __import__("hashlib").sha256(data)))
-    served = ServedModels(store, runtime, redis=None, poll_interval_s=0.05, fallback=TinyPredictor({}, "zero"))
+    served = ServedModels.from_settings(store, runtime, redis=None, poll_interval_s=0.05, fallback=TinyPredictor({}, "zero"))
     try:
         predictor = served.get(41)
         assert isinstance(predictor, SigRLPredictor) and first.version in predictor.version

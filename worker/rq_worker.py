@@ -82,7 +82,8 @@ def _semlabel_worker_class():
             how = f"signal {os.WTERMSIG(ret_val)}" if ret_val and os.WIFSIGNALED(ret_val) else f"status {ret_val}"
             peak = f", peak RSS {rusage.ru_maxrss / 1024:.0f} MB" if rusage is not None else ""
             retry = " (will be retried)" if (job.retries_left or 0) > 0 else ""
-            note_failure(job, f"work horse {retpid} killed by {how}{peak} on {self.hostname}{retry}")
+            note_failure(job, f"work horse {retpid} killed by {how}{peak} on {self.hostname}{retry}",
+                         get_settings().worker.failures_kept)
 
     return SemlabelWorker
 
@@ -139,7 +140,7 @@ def run_worker(
         # An idle RQ worker blocks on the queues for worker_ttl − 15 s between heartbeats
         # (and maintenance runs): keep that to the maintenance interval, so health checks
         # and the retry of dead workers' jobs happen on time.
-        worker_ttl=settings.worker.maintenance_interval_s + 15,
+        worker_ttl=settings.worker.maintenance_interval_s + settings.worker.worker_ttl_margin_s,
     )
     return worker.work(burst=burst, with_scheduler=with_scheduler, max_jobs=max_jobs, logging_level=logging_level)
 
@@ -159,7 +160,7 @@ def healthy_workers(settings: Settings | None = None, hostname: str | None = Non
     queue = _queue(connection, settings.worker.queues.train)
     # A busy worker beats every job_monitoring_interval_s, an idle one every
     # maintenance_interval_s (its worker_ttl − 15, see run_worker).
-    limit = max(settings.worker.job_monitoring_interval_s, settings.worker.maintenance_interval_s) + 90
+    limit = max(settings.worker.job_monitoring_interval_s, settings.worker.maintenance_interval_s) + settings.worker.heartbeat_grace_s
     out = []
     for w in Worker.all(queue=queue):
         beat = w.last_heartbeat

@@ -16,12 +16,14 @@ from . import server
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m backend.ls", description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: all)")
-    p.add_argument("--port", type=int, default=server.DEFAULT_PORT)
+    p.add_argument("--port", type=int, default=None, help="default: backend.server.port")
     p.add_argument("--workers", type=int, default=1,
                    help="processes; each loads the model (on CPU prefer 1 with several threads)")
-    p.add_argument("--threads", type=int, default=4, help="request threads per process")
-    p.add_argument("--timeout", type=int, default=120,
-                   help="seconds a request may take (Label Studio waits 100 s for /predict)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="request threads per process (default: backend.server.threads)")
+    p.add_argument("--timeout", type=int, default=None,
+                   help="seconds a request may take (Label Studio waits 100 s for /predict; "
+                        "default: backend.server.timeout_s)")
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.add_argument("--insecure", action="store_true",
                    help="serve on a non-loopback address without credentials")

@@ -42,7 +42,7 @@ class Auth:
         self.webhook: WebhookAuth | None = None
         if user and password:
             self.expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-            self.webhook = WebhookAuth(self.expected)
+            self.webhook = WebhookAuth(self.expected, settings.backend.label_studio_api)
 
     def refusal(self):
         """None when the current request may pass, else the 401 response (logged, rate-limited)."""

@@ -221,11 +221,12 @@ def check_labels(config: ProjectConfig, limits) -> None:
 
 
 class ConfigCache:
-    """Parsed configs by their hash, the ``size`` most recently used (thread-safe); a config
+    """Parsed configs by their hash, the ``size`` most recently used (thread-safe; the settings'
+    ``backend.max_label_configs``); a config
     that fails (ConfigError) is remembered as failing. With ``limits`` (the settings'
     ``limits`` section) a config over them fails too (:func:`check_size`, :func:`check_labels`)."""
 
-    def __init__(self, reasons_name: str = "semlabel_reasons", size: int = 64, limits=None):
+    def __init__(self, reasons_name: str, size: int, limits=None):
         self.reasons_name = reasons_name
         self.limits = limits
         self._items: LRU[str, ProjectConfig | ConfigError] = LRU(size)

@@ -60,15 +60,14 @@ class TaskImages:
         settings: the backend's settings (``images``, ``data_dir``).
         runtime: returns the loaded :class:`~backend.runtime.Runtime` (its feature store).
         compute: the lock that serialises the CPU/GPU work of the process.
-        upload_keys: how many (Label Studio URL, upload) → feature keys to remember.
     """
 
-    def __init__(self, settings, runtime, compute: threading.Lock, upload_keys: int = 100_000):
+    def __init__(self, settings, runtime, compute: threading.Lock):
         self.settings = settings
         self._runtime = runtime
         self._compute = compute
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="semlabel-fetch")
-        self._upload_keys: LRU[tuple[str, str], str] = LRU(upload_keys)
+        self._pool = ThreadPoolExecutor(max_workers=settings.images.fetch_threads, thread_name_prefix="semlabel-fetch")
+        self._upload_keys: LRU[tuple[str, str], str] = LRU(settings.backend.max_upload_keys)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
@@ -142,9 +141,10 @@ class TaskImages:
         return feats
 
 
-def clean_downloads(settings, older_than_s: float = 3600) -> None:
+def clean_downloads(settings) -> None:
     """Downloads live in memory; ``<data_dir>/downloads`` only ever holds per-request temporary
-    directories, and those a killed process left behind are removed at start."""
+    directories, and those a killed process left behind (older than ``backend.stale_download_s``)
+    are removed at start."""
     import shutil
     import time
 
@@ -152,5 +152,5 @@ def clean_downloads(settings, older_than_s: float = 3600) -> None:
     if not root.is_dir():
         return
     for entry in root.iterdir():
-        if time.time() - entry.stat().st_mtime > older_than_s:
+        if time.time() - entry.stat().st_mtime > settings.backend.stale_download_s:
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)

@@ -29,10 +29,6 @@ from .config import ProjectConfig
 
 log = logging.getLogger(__name__)
 
-#: seconds a spot answer is remembered (Label Studio saves a draft 5 s after a change)
-ANSWER_TTL_S = 600
-
-
 class Predictions:
     """Predictions for one backend process.
 
@@ -40,10 +36,9 @@ class Predictions:
         service: the :class:`~.service.BackendService` (served predictors and their versions).
         images: the tasks' image features. spaces: the label spaces.
         compute: the lock that serialises the CPU/GPU work of the process.
-        answers: how many (project, task) spot answers to remember.
     """
 
-    def __init__(self, service, images, spaces, compute: threading.Lock, answers: int = 10_000):
+    def __init__(self, service, images, spaces, compute: threading.Lock):
         self.service = service
         self.settings = service.settings
         self.images = images
@@ -52,7 +47,7 @@ class Predictions:
         # (project, task id) → (when, choices per control) of the last spot answer: Label
         # Studio saves the annotator's draft 5 s after a change, so two points in quick
         # succession would otherwise lose the first point's label.
-        self._answers: LRU[tuple, tuple[float, dict]] = LRU(answers)
+        self._answers: LRU[tuple, tuple[float, dict]] = LRU(self.settings.backend.max_answers)
 
     # -- the request -------------------------------------------------------------------
     def predict(self, project: str | None, config: ProjectConfig, tasks: Sequence[Any],
@@ -132,7 +127,7 @@ class Predictions:
         process's last answer for the task when it is newer than what the task holds."""
         row, source = results.current_choices(config, task, version)
         last = self._answers.get((project, task.get("id")))
-        if last is not None and time.time() - last[0] <= ANSWER_TTL_S and last[0] > results.saved_at(task):
+        if last is not None and time.time() - last[0] <= self.settings.backend.answer_ttl_s and last[0] > results.saved_at(task):
             row = {c: list(dict.fromkeys([*row.get(c, []), *last[1].get(c, [])])) for c in row}
             source += "+last answer"
         return row, source

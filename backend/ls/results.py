@@ -169,7 +169,7 @@ def preannotation(
     *,
     threshold: float,
     max_labels: int,
-    reasons_labels: int = 10,
+    reasons_labels: int,
     selected: Mapping[tuple[str, str], Sequence[bool]] | None = None,
 ) -> dict:
     """The pre-annotation prediction of one task. ``scores[(control, object)]`` holds the

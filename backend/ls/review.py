@@ -110,10 +110,10 @@ class ReviewQueue:
                 continue
             try:
                 self._ensure_group(redis)
-                if time.monotonic() - last_claim >= min(5.0, self.cfg.retry_after_s):
+                if time.monotonic() - last_claim >= min(self.cfg.claim_interval_s, self.cfg.retry_after_s):
                     last_claim = time.monotonic()
                     self.claim_stale(redis)
-                batch = redis.xreadgroup(GROUP, self.consumer, {self.key: ">"}, count=8, block=self.block_ms)
+                batch = redis.xreadgroup(GROUP, self.consumer, {self.key: ">"}, count=self.cfg.read_batch, block=self.block_ms)
                 for _, messages in batch or []:
                     for message_id, fields in messages:
                         self.handle(redis, message_id, fields)
@@ -124,7 +124,7 @@ class ReviewQueue:
                 self._group_ready = False
                 log.warning("review queue: %s: %s; retrying in %.0f s", type(exc).__name__, exc, delay)
                 self._stop.wait(delay)
-                delay = min(delay * 2, 30.0)
+                delay = min(delay * 2, self.cfg.max_backoff_s)
 
     def claim_stale(self, redis) -> int:
         """Take over jobs delivered more than ``retry_after_s`` ago and not acknowledged (a
@@ -133,7 +133,7 @@ class ReviewQueue:
         start = "0-0"
         n = 0
         while True:
-            reply = redis.xautoclaim(self.key, GROUP, self.consumer, idle_ms, start_id=start, count=16)
+            reply = redis.xautoclaim(self.key, GROUP, self.consumer, idle_ms, start_id=start, count=self.cfg.claim_batch)
             start, messages = reply[0], reply[1]
             for message_id, fields in messages:
                 if fields:
@@ -148,7 +148,7 @@ class ReviewQueue:
         deadline = time.monotonic() + timeout
         n = 0
         while time.monotonic() < deadline:
-            batch = redis.xreadgroup(GROUP, self.consumer, {self.key: ">"}, count=16, block=100)
+            batch = redis.xreadgroup(GROUP, self.consumer, {self.key: ">"}, count=self.cfg.claim_batch, block=100)
             if not batch or not batch[0][1]:
                 break
             for message_id, fields in batch[0][1]:
@@ -234,7 +234,7 @@ class ReviewQueue:
                 raise PermanentFailure(f"project {project}: {exc}") from exc
             raise
         created = store_review_prediction(client, int(task_id), int(ann_id), entry, project=int(project),
-                                          live=self.cfg.live_version)
+                                          live=self.cfg.live_version, live_ttl_s=self.cfg.live_version_ttl_s)
         if created is not None and self.cfg.tab:
             ensure_review_tab(client, int(project), self.cfg.tab)
         if created is None:

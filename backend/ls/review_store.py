@@ -46,9 +46,11 @@ def remove_review_predictions(client, task_id: int, ann_id: int, superseded_vers
 
 
 def store_review_prediction(client, task_id: int, ann_id: int, entry: Mapping | None,
-                            project: int | None = None, live: bool = True) -> int | None:
+                            project: int | None = None, live: bool = True, *,
+                            live_ttl_s: float) -> int | None:
     """Replace the annotation's review prediction by ``entry`` (only remove it when ``None``).
-    With ``live`` the prediction takes the project's live model version (see the module doc);
+    With ``live`` the prediction takes the project's live model version (see the module doc;
+    read again from Label Studio after ``live_ttl_s``, ``backend.review.live_version_ttl_s``);
     ``entry["model_version"]`` is set to the version stored. Returns the new prediction's id."""
     if entry is None:
         remove_review_predictions(client, task_id, ann_id)
@@ -57,7 +59,7 @@ def store_review_prediction(client, task_id: int, ann_id: int, entry: Mapping | 
     version = entry["model_version"]
     superseded = None
     if live and project is not None:
-        version = live_model_version(client, int(project)) or version
+        version = live_model_version(client, int(project), live_ttl_s) or version
         entry["model_version"] = version
         # The Data Manager's score column averages the task's predictions of the live version:
         # the pre-annotation the annotation has superseded would blur P(missing) there.
@@ -72,16 +74,15 @@ def store_review_prediction(client, task_id: int, ann_id: int, entry: Mapping | 
 
 _LIVE: dict[tuple[int, int], tuple[float, str | None]] = {}
 _TABS: set[tuple[int, int, str]] = set()
-_LIVE_TTL_S = 30.0
 
 
-def live_model_version(client, project: int) -> str | None:
+def live_model_version(client, project: int, ttl_s: float) -> str | None:
     """The project's model-version setting when it names one of its ML backends (Label Studio
     then pre-labels live from that backend and the Data Manager's score column reads
-    predictions of that name), else None. Cached for a few seconds per client."""
+    predictions of that name), else None. Cached for ``ttl_s`` seconds per client."""
     key = (id(client), project)
     hit = _LIVE.get(key)
-    if hit is not None and time.monotonic() - hit[0] < _LIVE_TTL_S:
+    if hit is not None and time.monotonic() - hit[0] < ttl_s:
         return hit[1]
     setting = client.projects.get(id=project).model_version or ""
     titles = {getattr(ml, "title", None) for ml in client.ml.list(project=project) or []}

@@ -24,9 +24,6 @@ from gunicorn.workers.gthread import ThreadWorker
 
 from ..errors import ConfigError
 
-DEFAULT_PORT = 9090
-
-
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (an address or name to bind) is reachable from this machine only."""
     import ipaddress
@@ -64,10 +61,17 @@ def check_bind(host: str, *, insecure: bool = False) -> str | None:
     return f"serving on {host} WITHOUT authentication (--insecure)"
 
 
-def serve(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, workers: int = 1, threads: int = 4,
-          timeout: int = 120, access_log: bool = False, insecure: bool = False) -> None:
+def serve(*, host: str = "127.0.0.1", port: int | None = None, workers: int = 1, threads: int | None = None,
+          timeout: int | None = None, access_log: bool = False, insecure: bool = False) -> None:
     """Serve the Label Studio ML backend with gunicorn (blocks); ConfigError before anything
-    starts when :func:`check_bind` refuses ``host``."""
+    starts when :func:`check_bind` refuses ``host``. ``port``, ``threads`` and ``timeout`` left
+    None are the settings' ``backend.server`` values."""
+    from ..settings import get_settings
+
+    cfg = get_settings().backend.server
+    port = cfg.port if port is None else port
+    threads = cfg.threads if threads is None else threads
+    timeout = cfg.timeout_s if timeout is None else timeout
     warning = check_bind(host, insecure=insecure)
     if warning:
         print(f"semlabel: WARNING: {warning}", file=sys.stderr, flush=True)
@@ -80,7 +84,7 @@ def serve(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, workers: int = 1
     print(f"semlabel: serving on http://{host}:{port} ({workers} worker(s) x {threads} thread(s))",
           file=sys.stderr, flush=True)
     run_gunicorn(factory, host=host, port=port, workers=workers, threads=threads, timeout=timeout,
-                 access_log=access_log)
+                 graceful_timeout=cfg.graceful_timeout_s, access_log=access_log)
 
 
 def setup_logging(verbose: int = 0) -> None:
@@ -119,8 +123,8 @@ class QuitOnceThreadWorker(ThreadWorker):
         super().handle_quit(sig, frame)
 
 
-def run_gunicorn(factory: Callable, *, host: str, port: int, workers: int = 1, threads: int = 4,
-                 timeout: int = 120, access_log: bool = False) -> None:
+def run_gunicorn(factory: Callable, *, host: str, port: int, workers: int, threads: int, timeout: int,
+                 graceful_timeout: int, access_log: bool = False) -> None:
     """Serve ``factory()`` (called in each worker) with gunicorn's threaded workers; blocks."""
     from gunicorn.app.base import BaseApplication
 
@@ -142,7 +146,7 @@ def run_gunicorn(factory: Callable, *, host: str, port: int, workers: int = 1, t
         "worker_class": QuitOnceThreadWorker,
         # /predict may take Label Studio's whole 100 s on a large batch of new images.
         "timeout": timeout,
-        "graceful_timeout": 30,
+        "graceful_timeout": graceful_timeout,
         "accesslog": "-" if access_log else None,
         "child_exit": child_exit,
         # gunicorn >= 27: no control socket (one fixed path per user; several servers collide).

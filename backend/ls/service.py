@@ -56,7 +56,7 @@ class BackendService:
         self._ready = threading.Event()
         self._load_error: str | None = None
         compute = threading.Lock()
-        self.configs = ConfigCache(self.cfg.reasons_textarea, limits=self.settings.limits)
+        self.configs = ConfigCache(self.cfg.reasons_textarea, self.cfg.max_label_configs, limits=self.settings.limits)
         self._bg = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semlabel-bg")
         self._bg_lock = threading.Lock()
         self._bg_pending = 0
@@ -65,7 +65,7 @@ class BackendService:
             from ..labels import Taxonomy
 
             taxonomy = Taxonomy.from_yaml(self.cfg.taxonomy)
-        self.spaces = LabelSpaces(lambda: self.runtime, taxonomy)
+        self.spaces = LabelSpaces(lambda: self.runtime, self.cfg.max_label_spaces, taxonomy)
         self.images = TaskImages(self.settings, lambda: self.runtime, compute)
         self.predictions = Predictions(self, self.images, self.spaces, compute)
         self._redis_auto = redis is _AUTO
@@ -104,11 +104,8 @@ class BackendService:
                 from ..store import ModelStore, ServedModels
 
                 self.store = ModelStore.from_settings(self.settings, redis=self.redis)
-                self.served = ServedModels(
-                    self.store, self.runtime, redis=self.redis,
-                    poll_interval_s=self.settings.store.poll_interval_s,
-                    max_projects=self.settings.store.max_watched_projects, idle_s=self.settings.store.watch_idle_s,
-                )
+                self.served = ServedModels.from_settings(self.store, self.runtime, redis=self.redis,
+                                                         settings=self.settings)
             self.loaded_in_s = round(time.perf_counter() - started, 2)
             self._finish_loading()
             log.warning("backend ready in %.1f s: backbone %s, zero-shot version %s",
@@ -148,9 +145,9 @@ class BackendService:
             raise NotReady("the model is still loading; try again in a few seconds")
 
     def background(self, fn, *args) -> bool:
-        """Run ``fn`` on a background thread (fire and forget; dropped while 8 are waiting)."""
+        """Run ``fn`` on a background thread (fire and forget; dropped while ``backend.max_background_loads`` are waiting)."""
         with self._bg_lock:
-            if self._bg_pending >= 8:
+            if self._bg_pending >= self.cfg.max_background_loads:
                 return False
             self._bg_pending += 1
 
@@ -177,11 +174,11 @@ class BackendService:
     @property
     def redis(self):
         """The Redis client, or None while none answers. Never blocks a request: after the first
-        attempt (at start), reconnecting runs in the background at most every 5 s."""
+        attempt (at start), reconnecting runs in the background at most every ``redis.recheck_s``."""
         if self._redis is not None or not self._redis_auto:
             return self._redis
         with self._redis_lock:
-            due = time.monotonic() - self._redis_checked > 5.0
+            due = time.monotonic() - self._redis_checked > self.settings.redis.recheck_s
             first = self._redis_checked == 0.0
             if due:
                 self._redis_checked = time.monotonic()

@@ -19,9 +19,9 @@ from .config import Binding
 
 class LabelSpaces:
     """Args: ``runtime`` returns the loaded :class:`~backend.runtime.Runtime`; ``taxonomy``
-    (optional) is passed to every space; ``size``: label sets kept."""
+    (optional) is passed to every space; ``size``: label sets kept (``backend.max_label_spaces``)."""
 
-    def __init__(self, runtime, taxonomy=None, size: int = 64):
+    def __init__(self, runtime, size: int, taxonomy=None):
         self._runtime = runtime
         self.taxonomy = taxonomy
         self._spaces: LRU[tuple, object] = LRU(size)

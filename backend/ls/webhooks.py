@@ -55,13 +55,13 @@ class WebhookAuth:
     backend (same host and port as the ``/setup`` request, path ending in ``/webhook``), sets the
     ``Authorization`` header. Retried a few times (the webhook is created while Label Studio is
     still connecting the model), then again on a later ``/setup``; done once per project and
-    credential.
+    credential. ``api`` is the settings' ``backend.label_studio_api`` (per-call timeout, delays
+    between attempts, how long a failed registration is not retried).
     """
 
-    DELAYS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
-
-    def __init__(self, header: str):
+    def __init__(self, header: str, api):
         self.header = header
+        self.api = api
         self._done: set[tuple] = set()
         self._running: set[tuple] = set()
         self._failed_at: dict[tuple, float] = {}
@@ -74,7 +74,7 @@ class WebhookAuth:
         with self._lock:
             if key in self._done or key in self._running:
                 return None
-            if time.monotonic() - self._failed_at.get(key, -1e9) < 60.0:
+            if time.monotonic() - self._failed_at.get(key, -1e9) < self.api.failure_backoff_s:
                 return None
             self._running.add(key)
         thread = threading.Thread(target=self._run, args=(key, project, conn, host), daemon=True,
@@ -85,7 +85,7 @@ class WebhookAuth:
     def _run(self, key, project, conn, host) -> None:
         ok = False
         try:
-            for delay in self.DELAYS:
+            for delay in self.api.retry_delays_s:
                 time.sleep(delay)
                 try:
                     if self.patch(project, conn, host):
@@ -114,7 +114,7 @@ class WebhookAuth:
         from label_studio_sdk.client import LabelStudio
         from label_studio_sdk.core.api_error import ApiError
 
-        client = LabelStudio(base_url=conn.url, api_key=conn.api_key, timeout=5, follow_redirects=False,
+        client = LabelStudio(base_url=conn.url, api_key=conn.api_key, timeout=self.api.timeout_s, follow_redirects=False,
                              max_retries=0)
         try:
             hooks = client.webhooks.list(project=str(project))

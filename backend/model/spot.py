@@ -243,8 +243,8 @@ def suggest_at_spot(
     sigma: float,
     gain: float,
     fraction: float | None,
-    co_occurring: int = 3,
-    neighbours: int = 3,
+    co_occurring: int,
+    neighbours: int,
 ) -> list[Suggestion]:
     """Up to ``top_k`` labels not in ``known`` for the spot, most likely first, with reasons
     (``Reasons.local``: e_c, ``Reasons.mean_local``: m̄_c; ``Reasons.spot``: where; co-occurring chosen labels; neighbours;

@@ -112,6 +112,6 @@ def enqueue_features(redis, pipe, project: str, task_json: dict[str, str], setti
     tasks = [{"id": int(tid), "data": json.loads(data)} for tid, data in task_json.items()]
     queue(redis, settings.worker.queues.features).enqueue_call(
         FEATURES_JOB, args=(project, tasks), timeout=settings.worker.job_timeout_s,
-        result_ttl=3600, failure_ttl=settings.worker.failure_ttl_s,
+        result_ttl=settings.worker.features_result_ttl_s, failure_ttl=settings.worker.failure_ttl_s,
         job_id=f"features-{project}-{int(time.time() * 1000)}-{secrets.token_hex(3)}",
         description=f"features of {len(tasks)} new task(s) of project {project}", pipeline=pipe)

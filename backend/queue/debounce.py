@@ -124,7 +124,7 @@ def schedule(redis, project: str, settings: Settings, trigger: Trigger, *,
                                              "due": repr(due), "count": total, "urgent": int(urgent),
                                              "reason": trigger.reason})
                     pipe.lpush(keys.jobs(project), job_id)
-                    pipe.ltrim(keys.jobs(project), 0, 99)
+                    pipe.ltrim(keys.jobs(project), 0, settings.worker.jobs_kept - 1)
                     contract.enqueue_training(redis, pipe, project, job_id, due, trigger.reason, settings)
                     info.update(job_id=job_id, coalesced=False)
                 pipe.execute()
@@ -186,5 +186,5 @@ def training_state(redis, project: str | int, settings: Settings | None = None) 
         "running": json.loads(lock) if lock else None,
         "events": redis.xlen(keys.events(project)),
         "folded_annotations": int(folded or 0),
-        "jobs": [j.decode() for j in redis.lrange(keys.jobs(project), 0, 19)],
+        "jobs": [j.decode() for j in redis.lrange(keys.jobs(project), 0, settings.worker.jobs_shown - 1)],
     }

@@ -26,6 +26,7 @@ import redis as _redis
 
 from ..errors import InvalidWebhook
 from ..redis.keys import keys_for
+from ..sections import RedisSettings
 from ..settings import Settings, get_settings
 from . import contract
 from .debounce import Trigger, schedule
@@ -52,9 +53,11 @@ class WebhookResult:
         return asdict(self)
 
 
-def _task_room(pipe, key: str, mapping: dict[str, str], cap: int) -> dict[str, str]:
+def _task_room(pipe, key: str, mapping: dict[str, str], limits: RedisSettings) -> dict[str, str]:
     """The part of ``mapping`` (task id → data) the project's tasks hash takes without growing
-    past ``cap`` entries: updates of tasks it has, new ones while there is room."""
+    past ``limits.max_remembered_tasks`` entries: updates of tasks it has, new ones while there
+    is room."""
+    cap = limits.max_remembered_tasks
     if not mapping:
         return {}
     size = pipe.hlen(key)
@@ -71,14 +74,14 @@ def _task_room(pipe, key: str, mapping: dict[str, str], cap: int) -> dict[str, s
             room -= 1
     if len(out) < len(ids):
         _warn_once(key, f"{key}: holds {size} tasks (redis.max_remembered_tasks); "
-                        f"{len(ids) - len(out)} new task(s) not remembered")
+                        f"{len(ids) - len(out)} new task(s) not remembered", limits.warn_interval_s)
     return out
 
 
 _WARNED: dict[str, float] = {}
 
 
-def _warn_once(key: str, message: str, every_s: float = 300.0) -> None:
+def _warn_once(key: str, message: str, every_s: float) -> None:
     """A warning at most every ``every_s`` per ``key`` (a full hash must not flood the log)."""
     now = time.monotonic()
     if now - _WARNED.get(key, -1e9) >= every_s:
@@ -152,7 +155,7 @@ def record_webhook(redis, payload: Any, settings: Settings | None = None, *,
     def prepare(pipe):
         fresh = _dedup(pipe, seen, event)
         result.duplicates, result.stored = len(event.events) - len(fresh), len(fresh)
-        tasks = _task_room(pipe, keys.tasks(project), event.task_data, settings.redis.max_remembered_tasks)
+        tasks = _task_room(pipe, keys.tasks(project), event.task_data, settings.redis)
         return len(fresh), lambda p: _append(redis, p, event, fresh, tasks, settings, also)
 
     if event.action == START_TRAINING:
@@ -194,14 +197,14 @@ def read_events(redis, project: str | int, settings: Settings | None = None, upt
     out = []
     start = f"({after}" if after else "-"
     while True:
-        batch = redis.xrange(key, min=start, max=upto or "+", count=5000)
+        batch = redis.xrange(key, min=start, max=upto or "+", count=settings.redis.read_batch)
         if not batch:
             break
         for sid, fields in batch:
             event = {k.decode(): v.decode() for k, v in fields.items()}
             event["id"] = sid.decode()
             out.append(event)
-        if len(batch) < 5000:
+        if len(batch) < settings.redis.read_batch:
             break
         start = "(" + batch[-1][0].decode()
     return out
@@ -349,7 +352,7 @@ def remember_tasks(redis, project: str | int, tasks, settings: Settings | None =
     if not mapping:
         return 0
     key = keys_for(settings).tasks(str(project))
-    room = _task_room(redis, key, mapping, limits.max_remembered_tasks)
+    room = _task_room(redis, key, mapping, limits)
     if room:
         redis.hset(key, mapping=room)
     return len(room)

@@ -77,19 +77,21 @@ class Spool:
     """An ordered, durable, bounded queue of JSON entries in one sqlite file (see the module
     doc). Safe across threads (one connection per thread) and processes (sqlite locking)."""
 
-    def __init__(self, directory: str | Path, *, max_entries: int, max_bytes: int, max_attempts: int = 100):
+    def __init__(self, directory: str | Path, *, max_entries: int, max_bytes: int, max_attempts: int,
+                 sqlite_timeout_s: float):
         self.dir = Path(directory)
         self.path = self.dir / DB_NAME
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.max_attempts = max_attempts
+        self.sqlite_timeout_s = sqlite_timeout_s
         self._local = threading.local()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Spool":
         sp = settings.redis.spool
         return cls(settings.spool_path, max_entries=sp.max_entries, max_bytes=int(sp.max_mb * 2**20),
-                   max_attempts=sp.max_replay_attempts)
+                   max_attempts=sp.max_replay_attempts, sqlite_timeout_s=sp.sqlite_timeout_s)
 
     def _db(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -100,7 +102,7 @@ class Spool:
             os.chmod(self.dir, 0o700)
         if not self.path.exists():  # sqlite gives its -wal / -shm files the mode of this one
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
-        conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(self.path, timeout=self.sqlite_timeout_s, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")  # a committed append survives a power cut
         conn.executescript(_SCHEMA)
@@ -205,7 +207,8 @@ class EventRecorder:
         self._thread_pid: int | None = None
         self._thread_lock = threading.Lock()
         self._start = start
-        self._writers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="semlabel-webhook-write")
+        self._writers = ThreadPoolExecutor(max_workers=self.settings.redis.spool.writer_threads,
+                                           thread_name_prefix="semlabel-webhook-write")
         self.replayed = 0
         self.spooled = 0
         self.drained_at: float | None = None  # perf_counter() when a replay last emptied the spool
@@ -260,7 +263,7 @@ class EventRecorder:
         seq = self.spool.append(kind, body)
         self.spooled += 1
         now = time.monotonic()
-        if now - self._last_note > 10.0:  # one line per 10 s, not one per webhook
+        if now - self._last_note > self.settings.redis.spool.note_interval_s:  # not one line per webhook
             self._last_note = now
             log.warning("Redis unavailable (%s): keeping events in the disk spool %s (%d waiting)",
                         why, self.spool.path, self.spool.stats()["entries"])

@@ -94,7 +94,7 @@ def redis_client(settings: Settings | None = None, url: str | None = None) -> re
     try:
         client = redis.Redis.from_url(
             url, socket_connect_timeout=timeout, socket_timeout=settings.redis.socket_timeout_s,
-            health_check_interval=30, socket_keepalive=True,
+            health_check_interval=settings.redis.health_check_interval_s, socket_keepalive=True,
         )
         client.ping()
     except (redis.RedisError, OSError, ValueError) as exc:
@@ -192,15 +192,17 @@ class EmbeddedRedis:
     """A ``valkey-server`` child process with append-only persistence in ``data_dir``.
 
     ``start()`` waits until it answers; ``stop()`` (also run at interpreter exit) shuts it
-    down cleanly so the append-only file is complete.
+    down cleanly so the append-only file is complete, waiting ``stop_timeout_s`` before killing
+    it. The numbers are the settings' ``redis.embedded`` and ``redis.stop_timeout_s``.
     """
 
-    def __init__(self, data_dir: Path, port: int = 6379, appendfsync: str = "everysec",
-                 start_timeout_s: float = 15.0, url_file: Path | None = None):
+    def __init__(self, data_dir: Path, *, port: int, appendfsync: str, start_timeout_s: float,
+                 stop_timeout_s: float, url_file: Path | None = None):
         self.data_dir = Path(data_dir)
         self.port = port or _free_port()
         self.appendfsync = appendfsync
         self.start_timeout_s = start_timeout_s
+        self.stop_timeout_s = stop_timeout_s
         self.url_file = url_file
         self._server = None
         self._lock = threading.Lock()
@@ -277,7 +279,7 @@ class EmbeddedRedis:
                 pass
         try:
             # SHUTDOWN writes the append-only file out and exits; SIGTERM does the same.
-            server.stop(timeout=10.0)
+            server.stop(timeout=self.stop_timeout_s)
         except Exception:  # noqa: BLE001
             server.terminate()
         log.info("stopped the embedded Redis at %s", redact(self.url))
@@ -315,6 +317,7 @@ def ensure_redis(settings: Settings | None = None, allow_embedded: bool = True) 
     emb = settings.redis.embedded
     server = EmbeddedRedis(
         settings.redis_data_path, port=emb.port, appendfsync=emb.appendfsync,
-        start_timeout_s=emb.start_timeout_s, url_file=_embedded_url_file(settings),
+        start_timeout_s=emb.start_timeout_s, stop_timeout_s=settings.redis.stop_timeout_s,
+        url_file=_embedded_url_file(settings),
     ).start()
     return server.url, server

@@ -22,14 +22,15 @@ from .ids import check_project
 log = logging.getLogger(__name__)
 
 POINTER = "CURRENT"
-PREVIOUS_KEPT = 20  # rollback targets remembered in the pointer
 
 
 class Pointers:
-    """The current-version pointers of the projects under ``root``."""
+    """The current-version pointers of the projects under ``root``; each remembers its newest
+    ``previous_kept`` rollback targets (``store.previous_kept``)."""
 
-    def __init__(self, root: Path, redis=None, key_prefix: str = "semlabel"):
+    def __init__(self, root: Path, redis, key_prefix: str, previous_kept: int):
         self.root = root
+        self.previous_kept = previous_kept
         self.redis = redis
         self.channel = Keys(key_prefix).models
         self.key_prefix = key_prefix
@@ -73,7 +74,7 @@ class Pointers:
             if old and old.get("version") and old["version"] != version:
                 previous = [old["version"]] + [v for v in old.get("previous", []) if v != version]
         atomic_write_json(self.path(project), {
-            "project": project, "version": version, "previous": previous[:PREVIOUS_KEPT],
+            "project": project, "version": version, "previous": previous[:self.previous_kept],
             "updated_at": utc_iso(), "reason": reason, "host": socket.gethostname(),
         })
         return old

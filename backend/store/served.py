@@ -25,7 +25,6 @@ from .versions import ModelStore
 log = logging.getLogger(__name__)
 
 Loader = Callable[[Path, Any], Any]
-RETRY_MAX_S = 30.0  # the longest wait between attempts to reach Redis again
 
 
 def default_loader(model_dir: Path, runtime) -> Any:
@@ -63,11 +62,12 @@ class ServedModels:
         loader: Loader | None = None,
         redis=None,
         *,
-        poll_interval_s: float = 2.0,
+        poll_interval_s: float,
+        max_projects: int,
+        idle_s: float,
+        max_backoff_s: float,
         fallback=None,
         start: bool = True,
-        max_projects: int = 1000,
-        idle_s: float = 3600.0,
     ):
         self.store = store
         self.runtime = runtime
@@ -84,6 +84,7 @@ class ServedModels:
         self._asked: OrderedDict[str, float] = OrderedDict()
         self.max_projects = max_projects
         self.idle_s = idle_s
+        self.max_backoff_s = max_backoff_s  # the longest wait between attempts to reach Redis again
         self._due: set[str] = set()  # watched projects a notification named since the last check
         self._due_all = False         # a notification named none, or notifications (re)started
         self._lock = threading.RLock()
@@ -96,6 +97,19 @@ class ServedModels:
         self.refused = 0
         if start:
             self.start()
+
+    @classmethod
+    def from_settings(cls, store: ModelStore, runtime, loader: Loader | None = None, redis=None, *,
+                      settings=None, **changes) -> "ServedModels":
+        """Served models watched as the settings' ``store`` section says (``poll_interval_s``,
+        ``max_watched_projects``, ``watch_idle_s``, ``max_backoff_s``); ``changes`` override
+        keyword arguments (``fallback``, ``start``, a test's shorter poll interval)."""
+        from ..settings import get_settings
+
+        st = (settings or get_settings()).store
+        options = dict(poll_interval_s=st.poll_interval_s, max_projects=st.max_watched_projects,
+                       idle_s=st.watch_idle_s, max_backoff_s=st.max_backoff_s)
+        return cls(store, runtime, loader, redis, **{**options, **changes})
 
     # -- public ------------------------------------------------------------------------
     def get(self, project: str | int):
@@ -289,7 +303,7 @@ class ServedModels:
                 log.warning("model-version notifications from Redis interrupted (%s); retrying in %.0f s",
                             exc, delay)
                 self._stop.wait(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
+                delay = min(delay * 2, self.max_backoff_s)
             finally:
                 self._pubsub = None
                 if pubsub is not None:

@@ -77,11 +77,12 @@ class ModelStore:
         root: str | Path,
         redis=None,
         *,
-        gate_metric: str = "mAP",
-        gate_margin: float = 0.02,
-        keep_versions: int = 10,
-        stale_staging_s: float = 86400.0,
-        key_prefix: str = "semlabel",
+        gate_metric: str,
+        gate_margin: float,
+        keep_versions: int,
+        stale_staging_s: float,
+        previous_kept: int,
+        key_prefix: str,
     ):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -91,19 +92,21 @@ class ModelStore:
         self.keep_versions = keep_versions
         self.stale_staging_s = stale_staging_s
         self.key_prefix = key_prefix
-        self.pointers = Pointers(self.root, redis, key_prefix)
+        self.pointers = Pointers(self.root, redis, key_prefix, previous_kept)
 
     @classmethod
-    def from_settings(cls, settings=None, redis=None) -> "ModelStore":
+    def from_settings(cls, settings=None, redis=None, *, root: str | Path | None = None,
+                      **changes) -> "ModelStore":
+        """The store the settings' ``store`` section describes (under ``root`` when given, else
+        ``settings.models_path``); ``changes`` override its keyword arguments (a test's variant)."""
         from ..settings import get_settings
 
         settings = settings or get_settings()
         st = settings.store
-        return cls(
-            settings.models_path, redis,
-            gate_metric=st.gate_metric, gate_margin=st.gate_margin, keep_versions=st.keep_versions,
-            stale_staging_s=st.stale_staging_s, key_prefix=settings.redis.key_prefix,
-        )
+        options = dict(gate_metric=st.gate_metric, gate_margin=st.gate_margin, keep_versions=st.keep_versions,
+                       stale_staging_s=st.stale_staging_s, previous_kept=st.previous_kept,
+                       key_prefix=settings.redis.key_prefix)
+        return cls(settings.models_path if root is None else root, redis, **{**options, **changes})
 
     # -- paths -------------------------------------------------------------------------
     @property

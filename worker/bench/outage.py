@@ -152,7 +152,8 @@ def run(out_dir: Path, *, n: int = 200, rate: float = 5.0, kill_after: int = 25,
     back = base.backend.model_copy(update={"review": base.backend.review.model_copy(update={"enabled": False})})
     settings = base.model_copy(update={"data_dir": str(root / "data"), "redis_url": None, "backend": back})
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access line per webhook
-    emb = EmbeddedRedis(root / "redis", port=0, appendfsync="always").start()
+    timeouts = {"start_timeout_s": base.redis.embedded.start_timeout_s, "stop_timeout_s": base.redis.stop_timeout_s}
+    emb = EmbeddedRedis(root / "redis", port=0, appendfsync="always", **timeouts).start()
     port, pid_box = emb.port, [emb]
     client = redis_client(settings, emb.url)
     app = create_app(settings, redis=client, background=True)
@@ -176,7 +177,7 @@ def run(out_dir: Path, *, n: int = 200, rate: float = 5.0, kill_after: int = 25,
         pid_box[0]._server = None  # killed: nothing to stop at exit
 
     def restart():
-        pid_box[0] = EmbeddedRedis(root / "redis", port=port, appendfsync="always").start()
+        pid_box[0] = EmbeddedRedis(root / "redis", port=port, appendfsync="always", **timeouts).start()
         if pid_box[0]._server.port != port:
             raise RuntimeError(f"Redis came back on port {pid_box[0]._server.port}, not {port}")
 

@@ -57,7 +57,9 @@ def evaluate(runtime, fixture: dict, feats: dict, gain: float, sigma: float) -> 
             spot = Spot(x, y, w, h, width=W, height=H)
         chosen = [n for n in item["labels"] if n != obj["target"]]
         top = suggest_at_spot(predictor, f, space, chosen, spot, top_k=HITS_AT, min_probability=0.0,
-                              sigma=sigma, gain=gain, fraction=fraction)
+                              sigma=sigma, gain=gain, fraction=fraction,
+                              co_occurring=runtime.settings.suggest.co_occurring,
+                              neighbours=runtime.settings.suggest.neighbours)
         labels = [s.label for s in top]
         rows.append({"photo": item["photo"], "split": item["split"], "kind": kind, "target": obj["target"],
                      "chosen": chosen, "top": labels, "hit": obj["target"] in labels,
@@ -88,8 +90,8 @@ def latency(runtime, settings, photo: Path, runs: int) -> dict:
     from backend.store import ModelStore, ServedModels
 
     with tempfile.TemporaryDirectory() as tmp:
-        store = ModelStore(Path(tmp) / "models", redis=None)
-        served = ServedModels(store, runtime, redis=None, poll_interval_s=3600)
+        store = ModelStore.from_settings(root=Path(tmp) / "models", redis=None)
+        served = ServedModels.from_settings(store, runtime, redis=None, poll_interval_s=3600)
         app = create_app(s, runtime=runtime, redis=None, served=served, start_threads=False)
         client = app.test_client()
         body = {"tasks": [{"id": 1, "data": {"image": str(photo)},

@@ -15,12 +15,14 @@ def register(main: click.Group) -> None:
 # ----------------------------------------------------------------------------------- serve
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0: all).")
-@click.option("--port", type=int, default=9090, show_default=True)
+@click.option("--port", type=int, default=None, help="Port (default: backend.server.port).")
 @click.option("--workers", type=int, default=1, show_default=True,
               help="Processes; each loads the model (on CPU prefer 1 with several threads).")
-@click.option("--threads", type=int, default=4, show_default=True, help="Request threads per process.")
-@click.option("--timeout", type=int, default=120, show_default=True,
-              help="Seconds a request may take (Label Studio waits 100 s for /predict).")
+@click.option("--threads", type=int, default=None,
+              help="Request threads per process (default: backend.server.threads).")
+@click.option("--timeout", type=int, default=None,
+              help="Seconds a request may take (Label Studio waits 100 s for /predict; "
+                   "default: backend.server.timeout_s).")
 @click.option("--with-worker", is_flag=True,
               help="Also run Redis (embedded if none answers) and a training worker on this machine.")
 @click.option("--access-log", is_flag=True, help="Log every request.")
@@ -108,7 +110,8 @@ def suggest(project, url, token, limit, dry_run) -> None:
                 continue
             scores.append(entry["score"])
             if not dry_run:
-                store_review_prediction(client, int(task_id), int(ann["id"]), entry, project=project)
+                store_review_prediction(client, int(task_id), int(ann["id"]), entry, project=project,
+                                        live_ttl_s=settings.backend.review.live_version_ttl_s)
                 summary["stored"] += 1
             summary["model_version"] = entry["model_version"]  # as stored (the live title, maybe)
     if scores:

@@ -50,24 +50,27 @@ def evaluate_outputs(
     recall_ks: Sequence[int] = (1, 3),
     taxonomy=None,
     preannotation=None,
-    ece_bins: int = 15,
-    ece_binning: str = "equal_mass",
+    ece_bins: int | None = None,
+    ece_binning: str | None = None,
 ) -> dict:
     """The one evaluator: ranking figures of ``scores [N, C]`` against complete truth ``y``
     (:func:`~worker.eval.metrics.evaluate_scores`; ``conditional``: the scores given the
     ``known`` labels, for the recall of the ``hidden`` ones) and, with ``probabilities``,
     what an annotator sees: the pre-selection of the backend's decision rule
     (:func:`backend.model.decision.preselect` with ``preannotation``, default: the
-    configured one) scored by edit cost, micro/macro-F1 and ECE."""
+    configured one) scored by edit cost, micro/macro-F1 and ECE (``ece_bins`` /
+    ``ece_binning``, default: ``bench.ece_bins`` / ``bench.ece_binning``)."""
     out = evaluate_scores(scores, y, names=names, ks=ks, conditional_scores=conditional, known=known,
                           hidden=hidden, recall_ks=recall_ks, taxonomy=taxonomy)
     if probabilities is not None:
         from backend.model.decision import preselect
 
-        if preannotation is None:
-            from backend.settings import get_settings
+        from backend.settings import get_settings
 
-            preannotation = get_settings().backend.preannotation
+        settings = get_settings()
+        preannotation = settings.backend.preannotation if preannotation is None else preannotation
+        ece_bins = settings.bench.ece_bins if ece_bins is None else ece_bins
+        ece_binning = settings.bench.ece_binning if ece_binning is None else ece_binning
         out.update(selection_metrics(probabilities, preselect(probabilities, preannotation), y,
                                      bins=ece_bins, strategy=ece_binning))
     return out
@@ -84,15 +87,21 @@ def evaluate_features(
     hidden_seed: int = 1,
     recall_ks: Sequence[int] = (1, 3),
     preannotation=None,
-    ece_bins: int = 15,
-    ece_binning: str = "equal_mass",
+    ece_bins: int | None = None,
+    ece_binning: str | None = None,
 ) -> dict:
     """``{"model": {...}, "zero_shot": {...}}`` for images with complete label sets
     (:func:`evaluate_outputs` of the predictor's scores, and of the zero-shot ones beside);
     ``calibration`` holds the reliability bins of each one's probabilities.
 
     ``preannotation``: the ``backend.preannotation`` settings whose decision rule makes the
-    pre-selection (default: the configured ones)."""
+    pre-selection (default: the configured ones); ``ece_bins`` / ``ece_binning`` default to
+    ``bench.ece_bins`` / ``bench.ece_binning``."""
+    from backend.settings import get_settings
+
+    bench = get_settings().bench
+    ece_bins = bench.ece_bins if ece_bins is None else ece_bins
+    ece_binning = bench.ece_binning if ece_binning is None else ece_binning
     y = targets(label_sets, space.names)
     if y.sum() == 0:
         raise ConfigError("the test export has no labels of the model's label set")

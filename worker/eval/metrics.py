@@ -162,7 +162,7 @@ def selection_f1(selected, y) -> dict:
     }
 
 
-def calibration(probabilities, y, bins: int = 15, strategy: str = "equal_mass") -> dict:
+def calibration(probabilities, y, bins: int, strategy: str) -> dict:
     r"""Expected calibration error over every (task, label) pair, with the bins.
 
     ``ECE = Σ_b (n_b / n) |ȳ_b − p̄_b|`` where bin b holds n_b pairs with mean probability
@@ -205,7 +205,7 @@ def label_subset_map(scores, y, labels: Sequence[int]) -> dict:
     return {"mAP": _mean(aps), "AP": aps}
 
 
-def selection_metrics(probabilities, selected, y, *, bins: int = 15, strategy: str = "equal_mass") -> dict:
+def selection_metrics(probabilities, selected, y, *, bins: int, strategy: str) -> dict:
     """What an annotator sees of a selection and its probabilities: edit cost per task (and a
     blank task's), micro/macro-F1, labels ticked per task, ECE."""
     cost = edit_cost(selected, y)

@@ -51,15 +51,15 @@ class Progress:
                 self.job.save_meta()
 
 
-def note_failure(job, reason: str) -> None:
-    """Keep a failure's one-line reason in ``job.meta`` (``error`` and the last few in
-    ``failures``), also when RQ retries the job and keeps no result of the failed attempt."""
+def note_failure(job, reason: str, kept: int) -> None:
+    """Keep a failure's one-line reason in ``job.meta`` (``error`` and the newest ``kept`` in
+    ``failures``, ``worker.failures_kept``), also when RQ retries the job and keeps no result
+    of the failed attempt."""
     try:
         meta = job.get_meta(refresh=True)
     except Exception:  # noqa: BLE001
         meta = job.meta
-    failures = list(meta.get("failures") or [])[-9:]
-    failures.append({"ts": time.time(), "error": reason[:500]})
+    failures = [*(meta.get("failures") or []), {"ts": time.time(), "error": reason[:500]}][-kept:]
     meta.update(error=reason[:500], failures=failures)
     if meta.get("stage") not in ("failed", "done"):
         meta["stage"] = "failed"
@@ -78,4 +78,6 @@ def record_failure(job, connection, exc_type, exc_value, traceback) -> None:
     else:
         reason = f"{getattr(exc_type, '__name__', exc_type)}: {str(exc_value)[:300]}"
     retry = " (will be retried)" if (job.retries_left or 0) > 0 else ""
-    note_failure(job, reason + retry)
+    from backend.settings import get_settings
+
+    note_failure(job, reason + retry, get_settings().worker.failures_kept)

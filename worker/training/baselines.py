@@ -94,7 +94,8 @@ def train_linear_probe(
     :func:`observed_auc` wins (None: ``train_cfg`` as it is)."""
     t0 = time.perf_counter()
     Y = targets(label_sets, names)
-    train_idx, val_idx = split_indices(len(label_sets), train_cfg.val_fraction, seed, train_cfg.min_val_images)
+    train_idx, val_idx = split_indices(len(label_sets), train_cfg.val_fraction, seed, train_cfg.min_val_images,
+                                       train_cfg.min_split_images)
     device = resolve_device(train_cfg.device)
     dummy = G[:, None, :1]  # the probe reads the pooled feature only
     features = EncodedImages(G, dummy, G, dummy)
@@ -120,12 +121,12 @@ def train_linear_probe(
     score, module, outcome, cfg, forward = best
     calibration = None
     if len(val_idx) > 0:
-        if calibration_cfg is None:
-            from backend.settings import get_settings
+        from backend.settings import get_settings
 
+        if calibration_cfg is None:
             calibration_cfg = get_settings().calibration
         ccfg = calibration_cfg
-        z = predict_logits(module, forward, features, val_idx, device)
+        z = predict_logits(module, forward, features, val_idx, device, get_settings().scoring.batch_size)
         calibration = fit_calibration(z, Y[val_idx], names, **fit_options(ccfg))
     module.cpu()
     stats = CooccurrenceStats.from_label_sets(label_sets)

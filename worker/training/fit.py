@@ -29,11 +29,13 @@ from .losses import PartialLabelLoss
 Progress = Callable[[dict], Any]
 
 
-def split_indices(n: int, val_fraction: float, seed: int, min_val: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, validation) indices: a seeded permutation; no validation below 10 examples,
-    and at least ``min_val`` validation images once there are ``2·min_val`` examples."""
+def split_indices(n: int, val_fraction: float, seed: int, min_val: int,
+                  min_split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) indices: a seeded permutation; no validation below ``min_split``
+    examples (``train.min_split_images``), and at least ``min_val`` validation images once
+    there are ``2·min_val`` examples."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = int(round(n * val_fraction)) if n >= 10 else 0
+    n_val = int(round(n * val_fraction)) if n >= min_split else 0
     if n_val and n >= 2 * min_val:
         n_val = max(n_val, min_val)
     return perm[n_val:].sort().values, perm[:n_val].sort().values
@@ -220,7 +222,7 @@ def fit(
         torch.set_num_threads(tcfg.threads)
     t0, cpu0 = time.perf_counter(), time.process_time()
     generator = torch.Generator().manual_seed(seed + 1)
-    if features.nbytes() < 2**31:
+    if features.nbytes() < tcfg.max_device_mb * 2**20:  # on the device once, else per batch
         features = features.to(device)
     zs_dev = zero_shot.to(device) if zero_shot is not None else None
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=tcfg.lr,
@@ -254,7 +256,7 @@ def fit(
 
 
 @torch.no_grad()
-def predict_logits(module, forward, features: EncodedImages, idx, device, batch_size: int = 256,
+def predict_logits(module, forward, features: EncodedImages, idx, device, batch_size: int,
                    known=None, which: int = 0) -> torch.Tensor:
     """``forward(...)[which]`` (default: the logits) of the images ``idx``, on the CPU."""
     was_training = module.training

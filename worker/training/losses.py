@@ -40,7 +40,7 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def an_ls(logits, y, mask=None, smoothing: float = 0.1) -> torch.Tensor:
+def an_ls(logits, y, mask=None, *, smoothing: float) -> torch.Tensor:
     target = (1.0 - smoothing) * y + smoothing / 2.0
     return _masked_mean(F.binary_cross_entropy_with_logits(logits, target, reduction="none"), mask)
 
@@ -50,15 +50,15 @@ def binary_entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return F.softplus(logits) - logits * torch.sigmoid(logits)
 
 
-def em(logits, y, mask=None, alpha: float = 0.1) -> torch.Tensor:
+def em(logits, y, mask=None, *, alpha: float) -> torch.Tensor:
     pos = F.softplus(-logits)  # −log σ(z)
     unk = -alpha * binary_entropy_from_logits(logits)
     return _masked_mean(torch.where(y > 0, pos, unk), mask)
 
 
-def em_pl(logits, y, mask=None, alpha: float = 0.1, zero_shot=None, threshold: float = 0.5, weight: float = 1.0):
+def em_pl(logits, y, mask=None, *, alpha: float, zero_shot=None, threshold: float, weight: float):
     if zero_shot is None:
-        return em(logits, y, mask, alpha)
+        return em(logits, y, mask, alpha=alpha)
     pseudo = (y <= 0) & (zero_shot >= threshold)
     pos = F.softplus(-logits)
     unk = -alpha * binary_entropy_from_logits(logits)
@@ -67,7 +67,7 @@ def em_pl(logits, y, mask=None, alpha: float = 0.1, zero_shot=None, threshold: f
 
 
 # ------------------------------------------------------------------------------ semantic
-def taxonomy_similarity(names: Sequence[str], taxonomy, temperature: float = 1.0) -> torch.Tensor:
+def taxonomy_similarity(names: Sequence[str], taxonomy, temperature: float) -> torch.Tensor:
     """``S [C, C] = exp(−d_LCA / T)``; labels outside the taxonomy are similar to themselves only."""
     C = len(names)
     S = torch.eye(C)
@@ -78,7 +78,7 @@ def taxonomy_similarity(names: Sequence[str], taxonomy, temperature: float = 1.0
     return S
 
 
-def text_similarity(embeddings: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+def text_similarity(embeddings: torch.Tensor, temperature: float) -> torch.Tensor:
     """``S [C, C] = exp(−(1 − cos) / T)`` of L2-normalised label embeddings."""
     cos = embeddings @ embeddings.T
     S = torch.exp(-(1.0 - cos) / temperature)
@@ -92,7 +92,7 @@ def soft_targets(y: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
     return masked.max(dim=1).values.clamp(0.0, 1.0)
 
 
-def semantic(base: torch.Tensor, logits, soft, mask=None, beta: float = 0.7) -> torch.Tensor:
+def semantic(base: torch.Tensor, logits, soft, mask=None, *, beta: float) -> torch.Tensor:
     soft_term = _masked_mean(F.binary_cross_entropy_with_logits(logits, soft, reduction="none"), mask)
     return beta * base + (1.0 - beta) * soft_term
 
@@ -128,15 +128,16 @@ class PartialLabelLoss:
     def __call__(self, logits, y, mask=None, zero_shot=None) -> torch.Tensor:
         cfg = self.cfg
         if cfg.kind == "an_ls":
-            base = an_ls(logits, y, mask, cfg.smoothing)
+            base = an_ls(logits, y, mask, smoothing=cfg.smoothing)
         elif cfg.kind == "em":
-            base = em(logits, y, mask, cfg.em_alpha)
+            base = em(logits, y, mask, alpha=cfg.em_alpha)
         elif cfg.kind == "em_pl":
-            base = em_pl(logits, y, mask, cfg.em_alpha, zero_shot, cfg.pl_threshold, cfg.pl_weight)
+            base = em_pl(logits, y, mask, alpha=cfg.em_alpha, zero_shot=zero_shot, threshold=cfg.pl_threshold,
+                         weight=cfg.pl_weight)
         else:  # pragma: no cover - pydantic restricts kind
             raise ValueError(f"unknown loss kind {cfg.kind!r}")
         soft = soft_targets(y, self.similarity) if self.similarity is not None else None
-        loss = semantic(base, logits, soft, mask, cfg.semantic_beta) if cfg.semantic else base
+        loss = semantic(base, logits, soft, mask, beta=cfg.semantic_beta) if cfg.semantic else base
         if cfg.ranking_weight > 0:
             loss = loss + cfg.ranking_weight * ranking(logits, y, mask, soft)
         return loss

@@ -108,14 +108,14 @@ def backbone_info(backbone) -> dict:
 
 
 def calibrate_init(module: SigRL, features: EncodedImages, H, global_weight: float, top_k: int,
-                   density: float) -> None:
+                   density: float, batch_size: int) -> None:
     """Shift the fresh model's logits (bias, in logit units) so that a ``density`` share of
     the training image–label pairs starts positive. A shift common to all labels: the
     ranking is still exactly the zero-shot model's (and the shifted model is the zero-shot
     model the heads may later be shrunk towards)."""
     with torch.no_grad():
         sims = in_batches(lambda part, _: zero_shot_similarity(part.global_, part.local, H, global_weight, top_k),
-                          features, 256)
+                          features, batch_size)
         z = module.log_scale.exp() * (sims.flatten() - module.centre)
         q = min(max(1.0 - density, 0.05), 0.95)
         module.bias.fill_(-float(torch.quantile(z[: 2_000_000], q)))
@@ -123,7 +123,7 @@ def calibrate_init(module: SigRL, features: EncodedImages, H, global_weight: flo
 
 
 def choose_heads_weight(module: SigRL, forward, features: EncodedImages, embeddings, Y, val_idx,
-                        weights: Sequence[float], device) -> tuple[float, dict]:
+                        weights: Sequence[float], device, batch_size: int) -> tuple[float, dict]:
     """Shrink the trained heads towards the zero-shot model: the ``w`` of ``weights`` with
     the best held-out :func:`observed_auc` of ``w z_heads + (1 − w) z_zero-shot`` (ties: the
     larger w). Returns (w, {w: score}); ``w = 1`` without a validation split."""
@@ -131,9 +131,10 @@ def choose_heads_weight(module: SigRL, forward, features: EncodedImages, embeddi
         return 1.0, {}
     with torch.no_grad():
         module.heads_weight.fill_(1.0)
-        heads = predict_logits(module, forward, features, val_idx, device)
+        heads = predict_logits(module, forward, features, val_idx, device, batch_size)
         emb = embeddings.to(device)
-        zs = predict_logits(module, lambda b, k: (module.zero_shot_logits(b, emb),), features, val_idx, device)
+        zs = predict_logits(module, lambda b, k: (module.zero_shot_logits(b, emb),), features, val_idx, device,
+                            batch_size)
     scores = {}
     for w in sorted(set(float(x) for x in weights)):
         scores[w] = observed_auc(w * heads + (1.0 - w) * zs, Y[val_idx])
@@ -147,7 +148,7 @@ def choose_heads_weight(module: SigRL, forward, features: EncodedImages, embeddi
 
 
 def fit_model_calibration(module: SigRL, forward, features: EncodedImages, Y, idx, names, ccfg: CalibrationSettings,
-                          device, seed: int) -> dict:
+                          device, seed: int, batch_size: int) -> dict:
     """Calibrations of the image-only outputs and (when the expert is active) of the outputs
     given known labels, fitted on the images ``idx`` (held out from training).
 
@@ -156,7 +157,7 @@ def fit_model_calibration(module: SigRL, forward, features: EncodedImages, Y, id
     other observed labels are the targets (the known ones do not count)."""
     out: dict = {}
     kw = fit_options(ccfg)
-    visual = predict_logits(module, forward, features, idx, device, which=2)
+    visual = predict_logits(module, forward, features, idx, device, batch_size, which=2)
     out["visual"] = fit_calibration(visual, Y[idx], names, **kw)
     if float(module.known_active) > 0:
         generator = torch.Generator().manual_seed(seed + 7)
@@ -166,7 +167,7 @@ def fit_model_calibration(module: SigRL, forward, features: EncodedImages, Y, id
             zs, ys, ms = [], [], []
             for _ in range(ccfg.conditional_samples):
                 known = sample_known(y[rows], 1.0, generator)
-                z = predict_logits(module, forward, features, idx[rows], device, known=known)
+                z = predict_logits(module, forward, features, idx[rows], device, batch_size, known=known)
                 zs.append(z)
                 ys.append(y[rows])
                 ms.append(1.0 - known)
@@ -215,15 +216,17 @@ def train_model(
     feats = feature_tensors(examples, features)
     names = space.names
     Y = targets([e.positives for e in examples], names)
-    train_idx, val_idx = split_indices(len(examples), tcfg.val_fraction, seed, tcfg.min_val_images)
+    batch = settings.scoring.batch_size
+    train_idx, val_idx = split_indices(len(examples), tcfg.val_fraction, seed, tcfg.min_val_images,
+                                       tcfg.min_split_images)
     stats_train = CooccurrenceStats.from_label_sets([examples[i].positives for i in train_idx.tolist()])
     module, graph, H, feats = build_heads(feats, Y, train_idx, space, stats_train, mcfg, info, seed, device,
-                                          fit_rows=tcfg.projection_fit_rows, batch_size=settings.scoring.batch_size)
+                                          fit_rows=tcfg.projection_fit_rows, batch_size=batch)
     forward = heads_forward(module, H.to(device), graph)
     outcome = fit(
         module, forward, feats, Y, train_idx, val_idx, PartialLabelLoss(lcfg, label_similarity(lcfg, names, H, taxonomy)),
         tcfg, seed=seed, device=device,
-        zero_shot=zero_shot_targets(feats, H, settings.zero_shot, info) if lcfg.kind == "em_pl" else None,
+        zero_shot=zero_shot_targets(feats, H, settings.zero_shot, info, batch) if lcfg.kind == "em_pl" else None,
         known_rate=tcfg.known_rate if mcfg.use_known else 0.0,
         recon_weight=lcfg.reconstruction_weight if mcfg.use_svfr else 0.0,
         conditional_loss=PartialLabelLoss(
@@ -235,10 +238,11 @@ def train_model(
     known_active = mcfg.use_known and outcome.known_samples >= max(1, tcfg.min_known_samples)
     module.known_active.fill_(1.0 if known_active else 0.0)
     heads_weight, shrink_scores = choose_heads_weight(module, forward, feats, H, Y, val_idx, tcfg.shrink_weights,
-                                                      device)
-    calibration = calibrate(module, forward, feats, Y, train_idx, val_idx, names, settings.calibration, device, seed)
+                                                      device, batch)
+    calibration = calibrate(module, forward, feats, Y, train_idx, val_idx, names, settings.calibration, device, seed,
+                            batch)
     module.cpu()
-    metrics = held_out_metrics(module, graph.to("cpu"), H, feats, Y, val_idx, names)
+    metrics = held_out_metrics(module, graph.to("cpu"), H, feats, Y, val_idx, names, batch)
     metrics["observed_auc"] = outcome.best_val_score if len(val_idx) else None
     summary = {
         "images": len(examples), "train_images": int(len(train_idx)), "val_images": int(len(val_idx)),
@@ -277,7 +281,7 @@ def build_heads(feats: EncodedImages, Y, train_idx, space: LabelSpace, stats, mc
     module.fit_feature_stats(feats[train_idx], fit_rows)
     H = space.embeddings.float()
     density = float(Y[train_idx].sum(1).mean() / max(1, len(space.names)))
-    calibrate_init(module, feats[train_idx], H, mcfg.global_weight, mcfg.local_top_k, density)
+    calibrate_init(module, feats[train_idx], H, mcfg.global_weight, mcfg.local_top_k, density, batch_size)
     reduced = module.reduce_native(feats, batch_size)
     module.to(device)
     return module, label_graph(stats, space.names, H, mcfg).to(device), H, reduced
@@ -296,7 +300,7 @@ def heads_forward(module: SigRL, H, graph) -> Callable:
     return forward
 
 
-def zero_shot_targets(feats: EncodedImages, H, zs_cfg, info: dict) -> torch.Tensor:
+def zero_shot_targets(feats: EncodedImages, H, zs_cfg, info: dict, batch_size: int) -> torch.Tensor:
     """``[N, C]`` zero-shot probabilities of the training images (the ``em_pl`` loss's
     pseudo-labels)."""
     from backend.model.zeroshot import zero_shot_probs
@@ -305,30 +309,31 @@ def zero_shot_targets(feats: EncodedImages, H, zs_cfg, info: dict) -> torch.Tens
         lambda part, _: zero_shot_probs(part.global_, part.local, H, global_weight=zs_cfg.global_weight,
                                         top_k=zs_cfg.local_top_k, scale=info["zero_shot_scale"],
                                         bias=info["zero_shot_bias"]),
-        feats, 256)
+        feats, batch_size)
 
 
 def calibrate(module, forward, feats, Y, train_idx, val_idx, names, ccfg: CalibrationSettings, device,
-              seed: int) -> dict:
+              seed: int, batch_size: int) -> dict:
     """:func:`fit_model_calibration` on the held-out split; without one (tiny projects), a
     shared map only, fitted on the training images (per-label maps would fit their own noise)."""
     if len(val_idx) > 0:
-        return fit_model_calibration(module, forward, feats, Y, val_idx, names, ccfg, device, seed)
+        return fit_model_calibration(module, forward, feats, Y, val_idx, names, ccfg, device, seed, batch_size)
     shared_only = ccfg.model_copy(update={"shrinkage": 1e6, "rate_shrinkage": 1e6})
-    return fit_model_calibration(module, forward, feats, Y, train_idx, names, shared_only, device, seed)
+    return fit_model_calibration(module, forward, feats, Y, train_idx, names, shared_only, device, seed,
+                                 batch_size)
 
 
-def held_out_metrics(module, graph, H, feats: EncodedImages, Y, val_idx, names) -> dict:
+def held_out_metrics(module, graph, H, feats: EncodedImages, Y, val_idx, names, batch_size: int) -> dict:
     """Metrics on the validation split of the partial labels (what model selection saw)."""
     from worker.eval.evaluate import evaluate_outputs
 
     if len(val_idx) == 0:
-        return {"split": "none (fewer than 10 examples)", "images": 0}
+        return {"split": "none (fewer than train.min_split_images examples)", "images": 0}
 
     def forward(batch, known, targets=None):
         return module(batch, H, graph, known).logits, None, None
 
-    logits = predict_logits(module, forward, feats, val_idx, torch.device("cpu"))
+    logits = predict_logits(module, forward, feats, val_idx, torch.device("cpu"), batch_size)
     out = evaluate_outputs(logits, Y[val_idx], names, ks=(1, 3, 5))
     out.pop("AP_per_label", None)
     return {"mAP": out.pop("mAP"), **out, "split": "held-out partial labels"}
