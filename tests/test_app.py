@@ -16,7 +16,7 @@ import pytest
 import redis as redis_lib
 
 from tests.helpers.photos import PHOTOS, copy_photos
-from tests.redis_helpers import reset_db
+from tests.helpers.redis_server import reset_db
 
 LABELS = ["dog", "horse", "person", "giraffe", "bird", "kite", "car", "cat", "coffee cup", "rocket"]
 
@@ -473,7 +473,7 @@ def test_basic_auth_guards_every_route_but_health(settings, runtime, photos, red
 
 def test_a_published_version_is_served_without_restart(settings, runtime, photos, redis_url, tmp_path):
     """A trained model knows some labels; the others (added later) still get scores."""
-    from tests.tiny_model import load_tiny, save_tiny
+    from tests.helpers.tiny_model import load_tiny, save_tiny
 
     r = redis_lib.Redis.from_url(redis_url)
     app = make_app(app_settings(settings, photos), runtime, r, tmp_path, loader=load_tiny)
@@ -597,7 +597,7 @@ def test_a_training_the_gate_refuses_is_explained_where_label_studio_shows_versi
     model_version (stored on its ML backend, re-read on every "Retrieve predictions", which then
     re-predicts tasks whose predictions carry another version) and from the predictions' model
     version and reasons text."""
-    from tests.tiny_model import load_tiny, save_tiny
+    from tests.helpers.tiny_model import load_tiny, save_tiny
 
     r = redis_lib.Redis.from_url(redis_url)
     app = make_app(app_settings(settings, photos), runtime, r, tmp_path, loader=load_tiny)

@@ -26,7 +26,7 @@ import pytest
 import redis as redis_lib
 
 from tests.helpers.photos import copy_photos
-from tests.redis_helpers import reset_db
+from tests.helpers.redis_server import reset_db
 from tests.test_app import CONFIG, app_settings, choices_of, config, make_app, predict, task
 
 REPO = Path(__file__).resolve().parent.parent

@@ -21,7 +21,7 @@ import redis as redis_lib
 
 from backend.errors import InvalidWebhook
 from backend.queue.eventlog import read_events, read_state, record_webhook
-from tests.redis_helpers import PrivateRedis
+from tests.helpers.redis_server import PrivateRedis
 from worker.bench.outage import annotation_webhook, count_training_input, outage_burst
 
 REPO = Path(__file__).resolve().parent.parent

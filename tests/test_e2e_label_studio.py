@@ -1,7 +1,7 @@
 """End to end against a real Label Studio 1.23.2 and a real ``semlabel serve``.
 
 The suite installs Label Studio into its own cached virtualenv and starts it from a cached,
-migrated template (see ``tests/label_studio_harness.py``); the backend runs as a child process
+migrated template (see ``tests/helpers/label_studio.py``); the backend runs as a child process
 with the packaged weights, the test session's Redis database and basic auth on. Photos are
 the committed darknet sample photos, served by Label Studio as local files. Nothing is mocked.
 
@@ -25,7 +25,7 @@ import pytest
 import redis as redis_lib
 
 from tests.helpers.photos import PHOTOS, copy_photos
-from tests.label_studio_harness import wait_for
+from tests.helpers.label_studio import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -43,7 +43,7 @@ AUTH = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, redis_url, session_data_dir):
     from backend.ls.server import ServerProcess
-    from tests.label_studio_harness import start_label_studio_for_test
+    from tests.helpers.label_studio import start_label_studio_for_test
 
     started = time.monotonic()
     work = tmp_path_factory.mktemp("e2e")

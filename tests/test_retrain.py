@@ -22,7 +22,7 @@ import redis as redis_lib
 import requests
 
 from tests.helpers.photos import PHOTOS, copy_photos, skimage_photo
-from tests.redis_helpers import reset_db
+from tests.helpers.redis_server import reset_db
 
 REPO = Path(__file__).resolve().parent.parent
 LABELS = ["dog", "horse", "person", "giraffe", "bird", "kite", "cat", "coffee cup", "rocket"]

@@ -11,7 +11,7 @@ import pytest
 import redis as redis_lib
 
 from tests.helpers.photos import PHOTO_DIR, copy_photos
-from tests.label_studio_harness import recommended_config
+from tests.helpers.label_studio import recommended_config
 
 FIXTURE = Path(__file__).parent / "data" / "spot_points.json"
 LABELS = ["dog", "horse", "person", "giraffe", "bird", "kite", "car", "cat", "coffee cup", "rocket"]

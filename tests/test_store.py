@@ -16,7 +16,7 @@ import pytest
 
 from backend.errors import CorruptVersion, ModelStoreError
 from backend.store import ModelStore, ServedModels, is_version_id, new_version_id
-from tests.tiny_model import TinyPredictor, load_tiny, save_tiny
+from tests.helpers.tiny_model import TinyPredictor, load_tiny, save_tiny
 
 REPO = Path(__file__).resolve().parent.parent
 

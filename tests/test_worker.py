@@ -1,6 +1,6 @@
 """The training machinery with real RQ worker processes on a real Redis.
 
-These tests use a tiny but real trainer (``tests.tiny_model:train_tiny``, configured through
+These tests use a tiny but real trainer (``tests.helpers.tiny_model:train_tiny``, configured through
 ``worker.trainer``) so that they exercise the queue, debouncing, locking, crash recovery and
 atomic publishing in seconds; tests/test_retrain.py runs the real heads end to end.
 """
@@ -47,7 +47,7 @@ def stack(redis_url, redis_conn, tmp_path, monkeypatch):
     env_vars = {
         "REDIS_URL": redis_url,
         "SEMLABEL_DATA_DIR": str(tmp_path / "data"),
-        "SEMLABEL_WORKER__TRAINER": "tests.tiny_model:train_tiny",
+        "SEMLABEL_WORKER__TRAINER": "tests.helpers.tiny_model:train_tiny",
         "SEMLABEL_WORKER__PRELOAD": "false",
         "SEMLABEL_WORKER__PREFETCH_FEATURES": "false",
         "SEMLABEL_WORKER__MIN_HOLDOUT_TASKS": "1",
