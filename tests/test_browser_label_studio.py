@@ -21,12 +21,13 @@ import requests
 
 from tests.helpers.browser import browser_page, choice_box, log_in, require_browser, ticked
 from tests.helpers.photos import copy_photos
-from tests.helpers.label_studio import recommended_config, wait_for
+from tests.helpers.label_configs import multilabel_config
+from tests.helpers.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
 LABELS = ["dog", "horse", "person", "giraffe", "bird", "kite", "car", "cat", "coffee cup", "rocket"]
-CONFIG = recommended_config(LABELS)  # the README's
+CONFIG = multilabel_config(LABELS, smart=True)  # the README's
 TITLE = "semlabel"  # the connected backend's title: the project's live model version
 TAB = "Likely missing"
 DOG = (0.22, 0.70)  # the dog in person.jpg, in fractions of the image

@@ -11,12 +11,12 @@ from __future__ import annotations
 import pytest
 
 from backend.queue.eventlog import read_events, record_webhook
+from tests.helpers.label_configs import multilabel_config
 from worker.jobs.collect import collect, split_holdout
 
 pytestmark = pytest.mark.e2e
 
-CONFIG = ('<View><Image name="image" value="$image"/><Choices name="labels" toName="image" choice="multiple">'
-          '<Choice value="cat"/><Choice value="dog" alias="puppy"/><Choice value="bird"/></Choices></View>')
+CONFIG = multilabel_config(["cat", "dog", "bird"], reasons=False, aliases={"dog": "puppy"})
 
 
 def choices(*labels):
