@@ -54,9 +54,9 @@ def sample_images(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def redis_url():
     """URL of a private database on a real Redis (the one on 127.0.0.1:6379, else an embedded
-    valkey started for the session; see tests/redis_helpers.py), claimed for this session and
+    valkey started for the session; see tests/helpers/redis_server.py), claimed for this session and
     flushed at the end."""
-    from tests.redis_helpers import claim_db, release_db
+    from tests.helpers.redis_server import claim_db, release_db
 
     url, client = claim_db()
     yield url
@@ -68,7 +68,7 @@ def redis_conn(redis_url):
     """A client of the session's private database, emptied after the test."""
     import redis
 
-    from tests.redis_helpers import reset_db
+    from tests.helpers.redis_server import reset_db
 
     client = redis.Redis.from_url(redis_url)
     yield client

@@ -9,30 +9,20 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import redis as redis_lib
 
+from tests.helpers.label_configs import multilabel_config
 from tests.helpers.photos import PHOTOS, copy_photos
-from tests.redis_helpers import reset_db
+from tests.helpers.redis_server import reset_db
+from tests.helpers.waiting import wait_for
 
 LABELS = ["dog", "horse", "person", "giraffe", "bird", "kite", "car", "cat", "coffee cup", "rocket"]
 
 
-def config(labels=LABELS, reasons=True, multiple=True, extra=""):
-    choices = "\n".join(f'    <Choice value="{n}"/>' for n in labels)
-    return (
-        '<View>\n  <Image name="image" value="$image"/>\n'
-        f'  <Choices name="labels" toName="image"{" choice=" + chr(34) + "multiple" + chr(34) if multiple else ""}>\n'
-        f"{choices}\n  </Choices>\n"
-        + ('  <TextArea name="semlabel_reasons" toName="image" editable="false"/>\n' if reasons else "")
-        + extra + "</View>"
-    )
-
-
-CONFIG = config()
+CONFIG = multilabel_config(LABELS)
 
 
 @pytest.fixture(scope="module")
@@ -252,10 +242,10 @@ def test_choice_aliases_are_what_predictions_carry_and_what_context_maps_back(cl
 
 def test_labels_added_to_the_config_are_scored_at_once(client, photos, env):
     service = env[1]
-    before = predict(client, [task(1, "eagle", photos)], cfg=config(["dog", "cat"]))["results"][0]
+    before = predict(client, [task(1, "eagle", photos)], cfg=multilabel_config(["dog", "cat"]))["results"][0]
     assert set(choices_of(before)["meta"]["scores"]) == {"dog", "cat"}
     misses = service.runtime.text_cache.misses
-    after = predict(client, [task(1, "eagle", photos)], cfg=config(["dog", "cat", "kite", "falcon"]))["results"][0]
+    after = predict(client, [task(1, "eagle", photos)], cfg=multilabel_config(["dog", "cat", "kite", "falcon"]))["results"][0]
     scores = choices_of(after)["meta"]["scores"]
     assert list(scores)[0] == "kite" and set(scores) == {"dog", "cat", "kite", "falcon"}
     assert scores["dog"] == choices_of(before)["meta"]["scores"]["dog"]  # old labels unchanged
@@ -473,7 +463,7 @@ def test_basic_auth_guards_every_route_but_health(settings, runtime, photos, red
 
 def test_a_published_version_is_served_without_restart(settings, runtime, photos, redis_url, tmp_path):
     """A trained model knows some labels; the others (added later) still get scores."""
-    from tests.tiny_model import load_tiny, save_tiny
+    from tests.helpers.tiny_model import load_tiny, save_tiny
 
     r = redis_lib.Redis.from_url(redis_url)
     app = make_app(app_settings(settings, photos), runtime, r, tmp_path, loader=load_tiny)
@@ -485,10 +475,8 @@ def test_a_published_version_is_served_without_restart(settings, runtime, photos
         staged = save_tiny(tmp_path / "m1", {"dog": 3.0, "cat": -3.0})
         version = service.store.publish("9", staged, promote=True).version
         version = f"{version}@{runtime.backbone.name}"  # the served name carries the backbone
-        deadline = time.monotonic() + 10
-        while c.post("/setup", json={"project": "9.1", "schema": CONFIG}).json["model_version"] == zs:
-            assert time.monotonic() < deadline, "the new version was not picked up"
-            time.sleep(0.05)
+        wait_for(lambda: c.post("/setup", json={"project": "9.1", "schema": CONFIG}).json["model_version"] != zs,
+                 10, step=0.05, what="the new version to be picked up")
         assert c.post("/setup", json={"project": "9.1", "schema": CONFIG}).json["model_version"] == version
         out = predict(c, [task(1, "eagle", photos)], project="9.1")["results"][0]
         assert out["model_version"] == version
@@ -597,7 +585,7 @@ def test_a_training_the_gate_refuses_is_explained_where_label_studio_shows_versi
     model_version (stored on its ML backend, re-read on every "Retrieve predictions", which then
     re-predicts tasks whose predictions carry another version) and from the predictions' model
     version and reasons text."""
-    from tests.tiny_model import load_tiny, save_tiny
+    from tests.helpers.tiny_model import load_tiny, save_tiny
 
     r = redis_lib.Redis.from_url(redis_url)
     app = make_app(app_settings(settings, photos), runtime, r, tmp_path, loader=load_tiny)
@@ -609,10 +597,8 @@ def test_a_training_the_gate_refuses_is_explained_where_label_studio_shows_versi
                                       data_summary={"train_tasks": 24, "holdout_tasks": 6})
         assert first.promoted
         served = f"{first.version}@{runtime.backbone.name}"
-        deadline = time.monotonic() + 10
-        while c.post("/setup", json=setup).json["model_version"] != served:
-            assert time.monotonic() < deadline, "the first version was not picked up"
-            time.sleep(0.05)
+        wait_for(lambda: c.post("/setup", json=setup).json["model_version"] == served, 10, step=0.05,
+                 what="the first version to be picked up")
         # 40 annotations later: trained, evaluated on the held-out tasks, refused by the gate.
         second = service.store.publish("14", save_tiny(tmp_path / "m2", {"dog": -3.0}, {"mAP": 0.3}),
                                        data_summary={"train_tasks": 32, "holdout_tasks": 8})
@@ -633,10 +619,8 @@ def test_a_training_the_gate_refuses_is_explained_where_label_studio_shows_versi
         # Promoted by hand: the explanation goes, the version is the plain served name again.
         service.store.promote("14", second.version)
         plain = f"{second.version}@{runtime.backbone.name}"
-        deadline = time.monotonic() + 10
-        while c.post("/setup", json=setup).json["model_version"] != plain:
-            assert time.monotonic() < deadline, "the promoted version was not picked up"
-            time.sleep(0.05)
+        wait_for(lambda: c.post("/setup", json=setup).json["model_version"] == plain, 10, step=0.05,
+                 what="the promoted version to be picked up")
         entry = predict(c, [task(1, "dog", photos)], project="14.1795398852")["results"][0]
         assert entry["model_version"] == plain
         assert not any("not served" in line for line in choices_of(entry, "semlabel_reasons")["value"]["text"])

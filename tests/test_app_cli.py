@@ -12,6 +12,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
+from tests.helpers.label_configs import multilabel_config
+from tests.helpers.processes import run_cli
 from worker.cli import main
 
 
@@ -63,9 +65,7 @@ def test_the_backend_runs_from_a_tree_without_worker(tmp_path, session_data_dir)
     with server:
         health = requests.get(server.url + "/health", timeout=10).json()
         assert health["status"] == "UP" and health["backbone"].startswith("packaged:")
-        xml = ('<View><Image name="image" value="$image"/><Choices name="labels" toName="image" '
-               'choice="multiple"><Choice value="dog"/><Choice value="rocket"/><Choice value="coffee cup"/>'
-               '</Choices></View>')
+        xml = multilabel_config(["dog", "rocket", "coffee cup"], reasons=False)
         resp = requests.post(server.url + "/predict", timeout=120, json={
             "tasks": [{"id": 1, "data": {"image": str(photos / "dog.jpg")}}], "label_config": xml})
         assert resp.status_code == 200, resp.text
@@ -82,8 +82,7 @@ def test_bench_api_measures_a_real_server(tmp_path, session_data_dir):
     env = {**os.environ, "SEMLABEL_DATA_DIR": str(session_data_dir), "HF_HUB_OFFLINE": "1"}
     env.pop("REDIS_URL", None)
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, "-m", "worker.cli", "bench-api", "--out", str(out), "--runs", "2",
-                           "--batch", "3"], env=env, capture_output=True, text=True, timeout=600)
+    proc = run_cli("bench-api", "--out", str(out), "--runs", "2", "--batch", "3", env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "api-bench.json").read_text())
     assert set(report["median_s"]) == {"cold_1", "warm_1", "cold_3", "warm_3"}

@@ -14,8 +14,6 @@ import json
 import logging
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -25,11 +23,11 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
+from tests.helpers.label_configs import multilabel_config
 from tests.helpers.photos import copy_photos
-from tests.redis_helpers import reset_db
-from tests.test_app import CONFIG, app_settings, choices_of, config, make_app, predict, task
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers.processes import REPO, run_cli
+from tests.helpers.redis_server import reset_db
+from tests.test_app import CONFIG, app_settings, choices_of, make_app, predict, task
 
 
 # ------------------------------------------------------------------------- stand-in servers
@@ -349,8 +347,7 @@ def test_f9_auth_off_is_logged_at_start(build, settings, photos, caplog):
 def _serve(args, env_extra, timeout=60):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BASIC_AUTH_", "SEMLABEL_AUTH__"))}
     env.update(env_extra)
-    return subprocess.run([sys.executable, "-m", "worker.cli", "serve", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO)
+    return run_cli("serve", *args, env=env, timeout=timeout)
 
 
 def test_f9_serve_on_all_interfaces_without_credentials_refuses_to_start():
@@ -514,15 +511,15 @@ def test_f10_real_server_hides_redis_addresses_and_tracebacks(served):
 # ================================================================== Finding 5: label configs
 def test_f5_label_count_and_length_limits(build, settings, photos):
     c = build(attack_settings(settings, photos, limits={"max_labels": 20, "max_label_chars": 30}))
-    many = config([f"label {i}" for i in range(21)])
+    many = multilabel_config([f"label {i}" for i in range(21)])
     resp = c.post("/predict", json={"tasks": [task(1, "dog", photos)], "label_config": many})
     assert resp.status_code == 400 and "limits.max_labels=20" in resp.json["error"]
-    long = config(["dog", "x" * 31])
+    long = multilabel_config(["dog", "x" * 31])
     resp = c.post("/setup", json={"project": "7.1", "schema": long})
     assert resp.status_code == 400 and "limits.max_label_chars=30" in resp.json["error"]
     entity = '<!DOCTYPE v [<!ENTITY a "aaaa">]>' + CONFIG
     assert c.post("/setup", json={"project": "7.1", "schema": entity}).status_code == 400
-    assert predict(c, [task(1, "dog", photos)], cfg=config(["dog", "cat"]))["results"][0]["result"]
+    assert predict(c, [task(1, "dog", photos)], cfg=multilabel_config(["dog", "cat"]))["results"][0]["result"]
 
 
 def test_f5_the_text_embedding_cache_is_bounded_lru(tmp_path):
@@ -565,7 +562,7 @@ def test_f5_new_labels_are_embedded_outside_the_compute_lock(build, settings, ph
     service = c.app.extensions["semlabel"]
     predict(c, [task(1, "dog", photos)])  # CONFIG's labels embedded, dog's features cached
     salt = uuid.uuid4().hex[:6]
-    big = config([f"thing {salt} {i}" for i in range(1500)])
+    big = multilabel_config([f"thing {salt} {i}" for i in range(1500)])
     started = threading.Event()
     done = {}
 

@@ -11,29 +11,16 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import redis as redis_lib
 
 from backend.errors import InvalidWebhook
 from backend.queue.eventlog import read_events, read_state, record_webhook
-from tests.redis_helpers import PrivateRedis
+from tests.helpers.processes import run_cli
+from tests.helpers.redis_server import PrivateRedis
+from tests.helpers.waiting import wait_for
 from worker.bench.outage import annotation_webhook, count_training_input, outage_burst
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def wait_until(predicate, timeout=60.0, what="condition"):
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @pytest.fixture
@@ -81,7 +68,7 @@ def test_redis_killed_mid_burst_loses_no_annotation_and_stores_none_twice(backen
                          restart=private_redis.start, outage_s=0, restart_after=45)
     assert set(burst["statuses"]) <= {201, 202} and burst["statuses"][202] >= 25, burst["statuses"]
     assert burst["statuses"][201] >= 20
-    wait_until(service.events.spool.empty, 60, "the spool to be replayed")
+    wait_for(service.events.spool.empty, 60, step=0.05, what="the spool to be replayed")
     counts = count_training_input(backend.redis, 3, 60, backend.post, backend.s)
     assert counts["start_training_status"] == 201 and counts["job_claimed"]
     assert counts["reached_training"] == counts["distinct_in_training"] == 60 and counts["lost"] == 0
@@ -109,7 +96,7 @@ def test_a_paused_redis_gets_webhooks_spooled_and_replayed_once(backend, private
         assert stat.S_IMODE(os.stat(spool.dir).st_mode) == 0o700
     finally:
         private_redis.resume()
-    wait_until(service.events.spool.empty, 60, "the spool to be replayed")
+    wait_for(service.events.spool.empty, 60, step=0.05, what="the spool to be replayed")
     ids = [int(e["annotation_id"]) for e in read_events(backend.redis, 4, backend.s)]
     assert ids == [1, 2, 3, 4, 5]
     # Replaying an entry twice (a crash between the Redis write and the delete) stores nothing new.
@@ -129,7 +116,7 @@ def test_a_setup_made_while_redis_is_down_is_recorded_when_it_returns_without_th
     service.connections.remember_setup("8", "http://127.0.0.1:8080", token)
     assert not service.events.spool.empty()
     private_redis.start()
-    wait_until(service.events.spool.empty, 60, "the /setup record to be replayed")
+    wait_for(service.events.spool.empty, 60, step=0.05, what="the /setup record to be replayed")
     record = {k.decode(): v.decode() for k, v in backend.redis.hgetall("semlabel:ls:8").items()}
     assert record["url"] == "http://127.0.0.1:8080" and len(record["token_ref"]) == 32 and "token" not in record
     dump = b"".join(backend.redis.dump(k) or b"" for k in backend.redis.keys("*"))
@@ -190,8 +177,7 @@ def test_a_pickled_job_planted_in_redis_runs_no_code_in_the_worker(redis_url, re
     assert not marker.exists()
     env = {**os.environ, "REDIS_URL": redis_url, "SEMLABEL_DATA_DIR": str(tmp_path / "data"),
            "SEMLABEL_WORKER__PRELOAD": "false"}
-    proc = subprocess.run([sys.executable, "-m", "worker.cli", "worker", "--burst", "--queue", "gpu"], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = run_cli("worker", "--burst", "--queue", "gpu", env=env, timeout=300)
     assert not marker.exists(), proc.stderr[-2000:]
     assert "UnpicklingError" not in proc.stderr
 

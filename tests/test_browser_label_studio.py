@@ -21,12 +21,13 @@ import requests
 
 from tests.helpers.browser import browser_page, choice_box, log_in, require_browser, ticked
 from tests.helpers.photos import copy_photos
-from tests.label_studio_harness import recommended_config, wait_for
+from tests.helpers.label_configs import multilabel_config
+from tests.helpers.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
 LABELS = ["dog", "horse", "person", "giraffe", "bird", "kite", "car", "cat", "coffee cup", "rocket"]
-CONFIG = recommended_config(LABELS)  # the README's
+CONFIG = multilabel_config(LABELS, smart=True)  # the README's
 TITLE = "semlabel"  # the connected backend's title: the project's live model version
 TAB = "Likely missing"
 DOG = (0.22, 0.70)  # the dog in person.jpg, in fractions of the image
@@ -35,7 +36,7 @@ DOG = (0.22, 0.70)  # the dog in person.jpg, in fractions of the image
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, redis_url, session_data_dir):
     from backend.ls.server import ServerProcess
-    from tests.label_studio_harness import start_label_studio_for_test
+    from tests.helpers.label_studio import start_label_studio_for_test
 
     require_browser()  # skip before starting anything when there is no browser
     work = tmp_path_factory.mktemp("browser")
@@ -75,7 +76,7 @@ def stack(tmp_path_factory, redis_url, session_data_dir):
         # project 1 to the next module's
         import redis as redis_lib
 
-        from tests.redis_helpers import reset_db
+        from tests.helpers.redis_server import reset_db
 
         reset_db(redis_lib.Redis.from_url(redis_url))
 

@@ -1,7 +1,7 @@
 """End to end against a real Label Studio 1.23.2 and a real ``semlabel serve``.
 
 The suite installs Label Studio into its own cached virtualenv and starts it from a cached,
-migrated template (see ``tests/label_studio_harness.py``); the backend runs as a child process
+migrated template (see ``tests/helpers/label_studio.py``); the backend runs as a child process
 with the packaged weights, the test session's Redis database and basic auth on. Photos are
 the committed darknet sample photos, served by Label Studio as local files. Nothing is mocked.
 
@@ -15,8 +15,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,17 +23,14 @@ import pytest
 import redis as redis_lib
 
 from tests.helpers.photos import PHOTOS, copy_photos
-from tests.label_studio_harness import wait_for
+from tests.helpers.label_configs import multilabel_config
+from tests.helpers.processes import run_cli
+from tests.helpers.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
 LABELS = ["dog", "horse", "person", "giraffe", "bird", "kite", "car", "cat", "coffee cup", "rocket"]
-CONFIG = (
-    '<View>\n  <Image name="image" value="$image"/>\n'
-    '  <Choices name="labels" toName="image" choice="multiple" showInline="true">\n'
-    + "".join(f'    <Choice value="{n}"/>\n' for n in LABELS)
-    + '  </Choices>\n  <TextArea name="semlabel_reasons" toName="image" editable="false" rows="4"/>\n</View>'
-)
+CONFIG = multilabel_config(LABELS)
 USER, PASSWORD = "label-studio", "b4ckend-s3cret"
 AUTH = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 
@@ -43,7 +38,7 @@ AUTH = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, redis_url, session_data_dir):
     from backend.ls.server import ServerProcess
-    from tests.label_studio_harness import start_label_studio_for_test
+    from tests.helpers.label_studio import start_label_studio_for_test
 
     started = time.monotonic()
     work = tmp_path_factory.mktemp("e2e")
@@ -284,9 +279,7 @@ def test_semlabel_suggest_with_a_personal_access_token(stack, project, pat):
         before[name] = wait_for(lambda: _review_preds(ls, project.tasks[name]), timeout=40,
                                 what=f"the backend's review of {name}")[0]["id"]
     env = {k: v for k, v in stack.server.env.items() if not k.startswith("BASIC_AUTH_")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "suggest", "--project", str(project.id), "--url", ls.url,
-         "--token", pat], env=env, capture_output=True, text=True, timeout=300)
+    proc = run_cli("suggest", "--project", str(project.id), "--url", ls.url, "--token", pat, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
     assert summary["tasks"] == 2 and summary["annotations"] == 2 and summary["stored"] == 2

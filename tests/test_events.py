@@ -13,8 +13,9 @@ from backend.queue.contract import TRAIN_JOB, fetch_job, queue
 from backend.queue.debounce import claim_pending, request_training, training_state
 from backend.queue.eventlog import read_events, reconcile, record_webhook, remember_tasks, task_data
 from backend.queue.webhook import parse_webhook
+from tests.helpers.label_configs import multilabel_config
 
-LABEL_CONFIG = '<View><Image name="image" value="$image"/><Choices name="labels" toName="image" choice="multiple"><Choice value="cat"/><Choice value="dog"/></Choices></View>'
+LABEL_CONFIG = multilabel_config(["cat", "dog"], reasons=False)
 
 
 def project(pid=1):

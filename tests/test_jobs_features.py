@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 from backend.queue.contract import fetch_job, queue
 from backend.queue.eventlog import record_webhook
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers.processes import REPO, run_cli
 
 
 def test_tasks_created_prefetches_features_on_the_cpu_queue(redis_url, redis_conn, session_data_dir, sample_images,
@@ -30,8 +26,7 @@ def test_tasks_created_prefetches_features_on_the_cpu_queue(redis_url, redis_con
     result = record_webhook(redis_conn, {"action": "TASKS_CREATED", "project": {"id": 5}, "tasks": tasks}, settings)
     assert result.stored == 0 and not result.ignored
     (job,) = queue(redis_conn, "cpu").jobs
-    proc = subprocess.run([sys.executable, "-m", "worker.cli", "worker", "--burst", "--queue", "cpu"], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = run_cli("worker", "--burst", "--queue", "cpu", env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     job = fetch_job(redis_conn, job.id)
     assert job.get_status() == "finished", proc.stderr[-3000:]

@@ -1,6 +1,6 @@
 """The training job's data: the event log, reconciled with a real Label Studio's export.
 
-Label Studio 1.23.2 runs from the suite's cached install (tests/label_studio_harness.py). The
+Label Studio 1.23.2 runs from the suite's cached install (tests/helpers/label_studio.py). The
 backend "saw" some annotation webhooks; then, while it was down, an annotation was edited and
 another deleted in Label Studio. The job must train on what Label Studio holds now.
 """
@@ -11,12 +11,12 @@ from __future__ import annotations
 import pytest
 
 from backend.queue.eventlog import read_events, record_webhook
+from tests.helpers.label_configs import multilabel_config
 from worker.jobs.collect import collect, split_holdout
 
 pytestmark = pytest.mark.e2e
 
-CONFIG = ('<View><Image name="image" value="$image"/><Choices name="labels" toName="image" choice="multiple">'
-          '<Choice value="cat"/><Choice value="dog" alias="puppy"/><Choice value="bird"/></Choices></View>')
+CONFIG = multilabel_config(["cat", "dog", "bird"], reasons=False, aliases={"dog": "puppy"})
 
 
 def choices(*labels):
@@ -25,7 +25,7 @@ def choices(*labels):
 
 @pytest.fixture(scope="module")
 def label_studio(tmp_path_factory):
-    from tests.label_studio_harness import start_label_studio_for_test
+    from tests.helpers.label_studio import start_label_studio_for_test
 
     work = tmp_path_factory.mktemp("ls-jobs")
     docroot = work / "files"

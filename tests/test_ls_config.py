@@ -154,3 +154,23 @@ def test_p_missing():
     assert p_missing([0.5]) == 0.5
     assert p_missing([0.5, 0.5]) == 0.75
     assert p_missing([1.2, -1]) == 1.0
+
+
+def test_the_tests_recommended_config_is_the_readmes():
+    """The config the Label Studio tests send (``smart=True``) has the README's shape: the same
+    elements with the same attributes, in order, but for the ``<Choice>`` list itself."""
+    import re
+    import xml.etree.ElementTree as ET
+    from pathlib import Path
+
+    from tests.helpers.label_configs import multilabel_config
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Recommended label config", 1)[1]
+    block = re.search(r"```xml\n(.*?)```", section, re.S).group(1)
+
+    def shape(xml: str):
+        return [(e.tag, e.attrib) for e in ET.fromstring(xml).iter() if e.tag != "Choice"]
+
+    assert shape(multilabel_config(["dog"], smart=True)) == shape(block)
+    assert parse_label_config(block).bindings[0].names == ["dog", "horse", "car"]

@@ -10,6 +10,7 @@ import pytest
 from backend.ls import metrics
 from backend.ls.review import GROUP, ReviewQueue
 from backend.queue.webhook import parse_webhook
+from tests.helpers.waiting import wait_for
 from tests.test_app import CONFIG
 
 
@@ -107,9 +108,7 @@ def test_the_consumer_thread_drains_the_stream(service, redis_conn):
     queue.push(redis_conn, [{"kind": "delete", "project": "5", "annotation_ids": [i]} for i in range(3)])
     queue.start()
     try:
-        deadline = time.monotonic() + 10
-        while redis_conn.xlen(queue.key) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert redis_conn.xlen(queue.key) == 0 and queue.handled == 3
+        wait_for(lambda: redis_conn.xlen(queue.key) == 0, 10, step=0.05, what="the stream to drain")
+        assert queue.handled == 3
     finally:
         queue.stop()

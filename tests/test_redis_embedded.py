@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import psutil
@@ -18,14 +16,8 @@ import pytest
 import redis
 
 from backend.errors import RedisUnavailable
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers.processes import REPO, run_cli, stop_all
+from tests.helpers.waiting import free_port, wait_for
 
 
 def answers(port: int) -> bool:
@@ -76,8 +68,7 @@ def test_a_missing_redis_is_one_clear_line(isolated, monkeypatch):
     assert not answers(port)
     # The CLI says the same in one line and exits 1.
     env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{port}/0", "SEMLABEL_REDIS__CONNECT_TIMEOUT_S": "0.5"}
-    proc = subprocess.run([sys.executable, "-m", "worker.cli", "worker", "--burst"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = run_cli("worker", "--burst", env=env, timeout=120)
     assert proc.returncode == 1
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("semlabel: error:")]
     assert lines and f"no Redis answers at redis://127.0.0.1:{port}/0" in lines[0]
@@ -158,18 +149,12 @@ def test_local_stack_starts_redis_and_a_worker_and_stops_both_on_exit(isolated, 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) != 0
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all([proc], timeout=30)
         for child in family:  # nothing of ours may outlive a failed test
             if child.is_running():
                 child.kill()
-    deadline = time.time() + 10
-    while time.time() < deadline and (answers(port) or psutil.pid_exists(info["worker_pid"])):
-        time.sleep(0.1)
+    wait_for(lambda: not (answers(port) or psutil.pid_exists(info["worker_pid"])), 10,
+             what="the embedded Redis and the worker to go")
     assert not answers(port)
     assert not psutil.pid_exists(info["worker_pid"])
     assert not psutil.pid_exists(info["redis_pid"])

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,13 +20,14 @@ import pytest
 import redis as redis_lib
 import requests
 
+from tests.helpers.label_configs import multilabel_config
 from tests.helpers.photos import PHOTOS, copy_photos, skimage_photo
-from tests.redis_helpers import reset_db
+from tests.helpers.processes import Workers, run_cli
+from tests.helpers.redis_server import reset_db
+from tests.helpers.waiting import wait_for
 
-REPO = Path(__file__).resolve().parent.parent
 LABELS = ["dog", "horse", "person", "giraffe", "bird", "kite", "cat", "coffee cup", "rocket"]
-CONFIG = ('<View><Image name="image" value="$image"/><Choices name="labels" toName="image" choice="multiple">'
-          + "".join(f'<Choice value="{n}"/>' for n in LABELS) + "</Choices></View>")
+CONFIG = multilabel_config(LABELS, reasons=False)
 # photo → the labels an annotator chose (partial: not every visible thing is chosen)
 TRUTH = {
     "dog": ["dog"], "eagle": ["bird"], "giraffe": ["giraffe"], "horses": ["horse"],
@@ -75,7 +75,7 @@ class Stack:
             "HF_HUB_OFFLINE": "1",
         }
         self.server = None
-        self.workers: dict[str, subprocess.Popen] = {}
+        self.workers = Workers(logs, env=self.env)
         self.http = requests.Session()
 
     @property
@@ -89,37 +89,24 @@ class Stack:
         return self
 
     def start_worker(self, name: str, *extra: str) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "-v", "worker", "--name", name, *extra],
-                                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        self.workers[name] = proc
-        return proc
+        return self.workers.start(name, *extra)
 
     def worker_ready(self, name: str, timeout: float = 180) -> None:
         from rq import Worker
 
         r = redis_lib.Redis.from_url(self.redis_url)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if name in [w.name for w in Worker.all(connection=r)]:
-                return
+
+        def listed() -> bool:
             assert self.workers[name].poll() is None, self.log(name)
-            time.sleep(0.2)
-        raise AssertionError(f"worker {name} did not start:\n{self.log(name)}")
+            return name in [w.name for w in Worker.all(connection=r)]
+
+        wait_for(listed, timeout, step=0.2, what=lambda: f"worker {name} to start:\n{self.log(name)}")
 
     def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")[-4000:]
+        return self.workers.log(name, tail=4000)
 
     def stop(self) -> None:
-        for proc in self.workers.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.workers.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        self.workers.stop(timeout=30)
         if self.server is not None:
             self.server.stop()
 
@@ -181,13 +168,9 @@ def map_of(scores: dict[str, dict[str, float]]) -> float:
 
 def wait_for_version(stack: Stack, project: int, old: str, timeout: float = 300) -> tuple[str, float]:
     """Poll /setup (what Label Studio asks) until it names another version; (version, when)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        version = stack.setup(project)
-        if version != old:
-            return version, time.time()
-        time.sleep(0.1)
-    raise AssertionError(f"project {project} still served {old} after {timeout:.0f} s")
+    version = wait_for(lambda: (v := stack.setup(project)) != old and v, timeout,
+                       what=f"project {project} to serve another version than {old}")
+    return version, time.time()
 
 
 def retrain_once(stack: Stack, project: int, photos: dict[str, Path]) -> dict:
@@ -245,8 +228,7 @@ def test_annotation_webhooks_retrain_and_the_backend_serves_the_new_version(stac
     health = stack.http.get(stack.url + "/health?project=301", timeout=5).json()
     assert health["model_version"] == run["served"]
     # The job's story is readable.
-    out = subprocess.run([sys.executable, "-m", "worker.cli", "models", "status", "--project", "301"],
-                         cwd=REPO, env=stack.env, capture_output=True, text=True, timeout=60)
+    out = run_cli("models", "status", "--project", "301", env=stack.env)
     assert run["version"] in out.stdout and "stage done" in out.stdout, out.stdout + out.stderr
     print(f"\nlast annotation → new version served: {run['latency_s']:.2f} s")
 
@@ -282,9 +264,8 @@ def test_a_corrupted_version_is_refused_and_the_previous_keeps_serving(stack, ph
     path.write_bytes(bytes(data))
     store._set_current("302", tampered, "test: a pointer forced onto a tampered version")
 
-    deadline = time.time() + 30
-    while time.time() < deadline and not {broken, tampered} <= set(store.refusals(302)):
-        time.sleep(0.2)
+    wait_for(lambda: {broken, tampered} <= set(store.refusals(302)), 30, step=0.2,
+             what="both versions to be refused")
     refused = store.refusals(302)
     assert broken in refused and tampered in refused, refused
     assert "checksum" in refused[tampered]["reason"]
@@ -294,8 +275,7 @@ def test_a_corrupted_version_is_refused_and_the_previous_keeps_serving(stack, ph
     entries = stack.predict(302, photos, names)
     assert {e["model_version"] for e in entries} == {shown}
     assert [scores_of(e) for e in entries] == reference
-    out = subprocess.run([sys.executable, "-m", "worker.cli", "models", "status", "--project", "302"],
-                         cwd=REPO, env=stack.env, capture_output=True, text=True, timeout=60)
+    out = run_cli("models", "status", "--project", "302", env=stack.env)
     assert f"refused {broken}" in out.stdout and f"refused {tampered}" in out.stdout
     # Rolling back the pointer skips the refused versions: the store is in line with what is served.
     assert store.rollback(302) == good and store.current(302) == good
@@ -323,14 +303,11 @@ def test_a_worker_killed_mid_training_changes_nothing_served_and_the_job_is_retr
     assert resp.status_code == 201
     job = fetch_job(r, training_state(r, 303)["jobs"][0])
 
-    deadline = time.time() + 240
-    while time.time() < deadline:
+    def training() -> bool:
         job.refresh()
-        if job.meta.get("stage") in ("training", "features", "evaluating") and job.meta.get("pid"):
-            break
-        time.sleep(0.05)
-    else:
-        raise AssertionError(f"the job never started training:\n{stack.log('retrain-doomed')}")
+        return job.meta.get("stage") in ("training", "features", "evaluating") and bool(job.meta.get("pid"))
+
+    wait_for(training, 240, step=0.05, what=lambda: f"the job to start training:\n{stack.log('retrain-doomed')}")
     family = [doomed.pid] + [c.pid for c in psutil.Process(doomed.pid).children(recursive=True)]
     assert job.meta["pid"] in family
     for pid in family:

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
+from tests.helpers.label_configs import multilabel_config
 from tests.helpers.photos import PHOTO_DIR, copy_photos
-from tests.label_studio_harness import recommended_config
 
 FIXTURE = Path(__file__).parent / "data" / "spot_points.json"
 LABELS = ["dog", "horse", "person", "giraffe", "bird", "kite", "car", "cat", "coffee cup", "rocket"]
-CONFIG = recommended_config(LABELS)
+CONFIG = multilabel_config(LABELS, smart=True)  # the README's
 HORSE_POINT = (0.78, 0.52)  # the white horse in person.jpg
 SIZES = {"person": (640, 424), "dog": (768, 576), "giraffe": (500, 500), "horses": (773, 512)}
 

@@ -16,7 +16,8 @@ import pytest
 
 from backend.errors import CorruptVersion, ModelStoreError
 from backend.store import ModelStore, ServedModels, is_version_id, new_version_id
-from tests.tiny_model import TinyPredictor, load_tiny, save_tiny
+from tests.helpers.tiny_model import TinyPredictor, load_tiny, save_tiny
+from tests.helpers.waiting import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,13 +28,14 @@ def _publish(store, project, biases, metric, **kw):
         return store.publish(project, tmp, labels=sorted(biases), data_summary={"tasks": 3}, **kw)
 
 
-def _wait(predicate, timeout=10.0, step=0.05):
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
+def _wait_served(served, project, version, timeout=5.0):
+    wait_for(lambda: served.served_version(project) == version, timeout, step=0.05,
+             what=f"{version} to be served for project {project}")
+
+
+def _wait_refused(store, project, version, timeout=5.0):
+    wait_for(lambda: version in store.refusals(project), timeout, step=0.05,
+             what=f"{version} to be refused for project {project}")
 
 
 def test_version_ids_sort_by_time_and_never_collide():
@@ -215,11 +217,11 @@ def test_served_models_fall_back_to_zero_shot_then_hot_swap_via_pubsub(tmp_path,
         assert served.get(11) is zero and served.served_version(11) is None
         time.sleep(0.3)  # let the subscriber connect
         v1 = _publish(store, 11, {"cat": 2.0}, 0.5)
-        assert _wait(lambda: served.served_version(11) == v1.version, 5)
+        _wait_served(served, 11, v1.version)
         old = served.get(11)
         assert old.version == v1.version
         v2 = _publish(store, 11, {"cat": -2.0}, 0.6)
-        assert _wait(lambda: served.served_version(11) == v2.version, 5)
+        _wait_served(served, 11, v2.version)
         new = served.get(11)
         assert new is not old and new.version == v2.version
         assert old.biases == {"cat": 2.0}  # an in-flight request keeps a working object
@@ -228,7 +230,8 @@ def test_served_models_fall_back_to_zero_shot_then_hot_swap_via_pubsub(tmp_path,
 
 
 def _subscribed(redis_conn, channel, timeout=5.0):
-    return _wait(lambda: dict(redis_conn.pubsub_numsub(channel)).get(channel.encode(), 0) > 0, timeout)
+    return wait_for(lambda: dict(redis_conn.pubsub_numsub(channel)).get(channel.encode(), 0) > 0, timeout,
+                    step=0.05, what=f"a subscriber on {channel}")
 
 
 def test_a_notification_refreshes_only_the_project_it_names(tmp_path, redis_conn):
@@ -246,18 +249,20 @@ def test_a_notification_refreshes_only_the_project_it_names(tmp_path, redis_conn
         assert _subscribed(redis_conn, channel)
         a2, b2 = _publish(quiet, 31, {"cat": 2.0}, 0.6), _publish(quiet, 32, {"cat": 2.0}, 0.6)
         redis_conn.publish(channel, json.dumps({"project": "31", "version": a2.version}))
-        assert _wait(lambda: served.served_version(31) == a2.version, 5)
+        _wait_served(served, 31, a2.version)
         redis_conn.publish(channel, json.dumps({"project": "33", "version": a2.version}))  # not watched
         time.sleep(0.5)
         assert served.served_version(32) == b1.version and "33" not in served._known()
         assert served.loads == 3
         redis_conn.publish(channel, json.dumps({}))  # names no project: check them all
-        assert _wait(lambda: served.served_version(32) == b2.version, 5)
+        _wait_served(served, 32, b2.version)
         # A dropped connection: the listener hears of the reconnection and checks them all.
         a3, b3 = _publish(quiet, 31, {"cat": 3.0}, 0.7), _publish(quiet, 32, {"cat": 3.0}, 0.7)
         host, port = served._pubsub.connection._sock.getsockname()[:2]
         assert redis_conn.client_kill_filter(_type="pubsub", addr=f"{host}:{port}") == 1
-        assert _wait(lambda: (served.served_version(31), served.served_version(32)) == (a3.version, b3.version), 10)
+        both = (a3.version, b3.version)
+        wait_for(lambda: (served.served_version(31), served.served_version(32)) == both, 10, step=0.05,
+                 what=f"{both} to be served for projects 31 and 32")
     finally:
         served.close()
 
@@ -270,7 +275,7 @@ def test_served_models_poll_without_redis(tmp_path):
     try:
         assert served.get(12).version == v1.version
         v2 = _publish(store, 12, {"cat": 3.0}, 0.7)
-        assert _wait(lambda: served.served_version(12) == v2.version, 5)
+        _wait_served(served, 12, v2.version)
         assert served.loads == 2
     finally:
         served.close()
@@ -294,7 +299,7 @@ def test_the_watched_projects_are_bounded_and_expire(tmp_path):
         assert served.get(1).version == v1.version  # loaded again on its next request
         assert len(served._known()) == 10 and "1" in served._known()
         served.idle_s = 0.01
-        assert _wait(lambda: served._known() == [], 5)  # the poller forgets idle projects
+        wait_for(lambda: served._known() == [], 5, step=0.05, what="the poller to forget idle projects")
         assert served.get(1).version == v1.version
     finally:
         served.close()
@@ -310,19 +315,19 @@ def test_a_version_that_fails_to_load_is_refused_and_the_previous_keeps_serving(
         # A version whose files pass the checksum but whose loader fails...
         bad = _publish(store, 13, ["not", "a", "mapping"], 0.6)  # type: ignore[arg-type]
         assert bad.promoted
-        assert _wait(lambda: bad.version in store.refusals(13), 5)
+        _wait_refused(store, 13, bad.version)
         assert "not a mapping" in store.refusals(13)[bad.version]["reason"]
         assert served.get(13).version == v1.version
         # ...and a corrupted directory promoted by hand: both refused, v1 stays.
         good = _publish(store, 13, {"cat": 5.0}, 0.7)
-        assert _wait(lambda: served.served_version(13) == good.version, 5)
+        _wait_served(served, 13, good.version)
         corrupt = _publish(store, 13, {"cat": 6.0}, None, promote=False)
         (store.version_dir(13, corrupt.version) / "weights.json").write_text('{"cat": 7.0}')
         with pytest.raises(CorruptVersion):
             store.promote(13, corrupt.version)  # the CLI path refuses it up front
         # Force the pointer onto it as a buggy writer might: the backend still refuses it.
         store._set_current("13", corrupt.version, "test: forced")
-        assert _wait(lambda: corrupt.version in store.refusals(13), 5)
+        _wait_refused(store, 13, corrupt.version)
         assert "checksum" in store.refusals(13)[corrupt.version]["reason"]
         assert served.get(13).version == good.version
         assert served.refused == 2
@@ -366,7 +371,7 @@ def test_requests_never_wait_for_a_reload(tmp_path):
             assert served.get(15) is first
             assert served.get(16) is zero
         gate.set()
-        assert _wait(lambda: served.served_version(15) == v2.version, 5)
+        _wait_served(served, 15, v2.version)
     finally:
         gate.set()
         served.close()
@@ -414,7 +419,7 @@ def test_the_store_hashes_a_real_checkpoint_once_when_it_serves_it(tmp_path, run
         predictor = served.get(41)
         assert isinstance(predictor, SigRLPredictor) and first.version in predictor.version
         store.promote(41, second.version)
-        assert _wait(lambda: second.version in store.refusals(41), 5)
+        _wait_refused(store, 41, second.version)
         assert "checksum mismatch" in store.refusals(41)[second.version]["reason"]
         assert served.get(41) is predictor and hashed == []
     finally:

@@ -1,6 +1,6 @@
 """The training machinery with real RQ worker processes on a real Redis.
 
-These tests use a tiny but real trainer (``tests.tiny_model:train_tiny``, configured through
+These tests use a tiny but real trainer (``tests.helpers.tiny_model:train_tiny``, configured through
 ``worker.trainer``) so that they exercise the queue, debouncing, locking, crash recovery and
 atomic publishing in seconds; tests/test_retrain.py runs the real heads end to end.
 """
@@ -25,19 +25,9 @@ from backend.queue.contract import fetch_job, queue
 from backend.queue.debounce import training_state
 from backend.queue.eventlog import record_webhook
 from backend.store import ModelStore
+from tests.helpers.processes import Workers, run_cli
+from tests.helpers.waiting import wait_for
 from tests.test_events import annotation_event, project
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def wait_until(predicate, timeout=60.0, step=0.1, what="condition"):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @pytest.fixture
@@ -47,7 +37,7 @@ def stack(redis_url, redis_conn, tmp_path, monkeypatch):
     env_vars = {
         "REDIS_URL": redis_url,
         "SEMLABEL_DATA_DIR": str(tmp_path / "data"),
-        "SEMLABEL_WORKER__TRAINER": "tests.tiny_model:train_tiny",
+        "SEMLABEL_WORKER__TRAINER": "tests.helpers.tiny_model:train_tiny",
         "SEMLABEL_WORKER__PRELOAD": "false",
         "SEMLABEL_WORKER__PREFETCH_FEATURES": "false",
         "SEMLABEL_WORKER__MIN_HOLDOUT_TASKS": "1",
@@ -63,21 +53,7 @@ def stack(redis_url, redis_conn, tmp_path, monkeypatch):
     for key, value in env_vars.items():
         monkeypatch.setenv(key, value)
     settings = reload_settings()
-    procs: list[subprocess.Popen] = []
-    logs = tmp_path / "logs"
-    logs.mkdir()
-
-    def start_worker(name: str, *extra: str, env: dict | None = None) -> subprocess.Popen:
-        log = open(logs / f"{name}.log", "ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "-v", "worker", "--name", name, *extra],
-            cwd=REPO, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
-        )
-        procs.append(proc)
-        return proc
-
-    def log_of(name: str) -> str:
-        return (logs / f"{name}.log").read_text(errors="replace")
+    workers = Workers(tmp_path / "logs")
 
     def seed(pid: int, n: int, start: int = 0):
         record_webhook(redis_conn, {"action": "TASKS_CREATED", "project": project(pid),
@@ -87,18 +63,10 @@ def stack(redis_url, redis_conn, tmp_path, monkeypatch):
             record_webhook(redis_conn, annotation_event(i + 1, 100 + i, ("cat",) if i % 3 else ("cat", "dog"), pid=pid),
                            settings)
 
-    ns = SimpleNamespace(settings=settings, redis=redis_conn, start_worker=start_worker, log_of=log_of, seed=seed,
+    ns = SimpleNamespace(settings=settings, redis=redis_conn, start_worker=workers.start, log_of=workers.log, seed=seed,
                          store=ModelStore.from_settings(settings, redis_conn), queue=queue(redis_conn, "gpu"))
     yield ns
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    workers.stop(timeout=20)
     monkeypatch.undo()
     reload_settings()
 
@@ -125,8 +93,7 @@ def test_start_training_in_a_real_worker_publishes_with_progress(stack):
     assert summary["annotations"] == 6 and summary["source"] == "events" and summary["holdout_tasks"] >= 1
     # The CLI shows it; `rq info` sees the queue.
     env = {**os.environ}
-    out = subprocess.run([sys.executable, "-m", "worker.cli", "models", "status", "--project", "1"], cwd=REPO,
-                         env=env, capture_output=True, text=True, timeout=60)
+    out = run_cli("models", "status", "--project", "1", env=env)
     assert out.returncode == 0 and result["version"] in out.stdout and "stage done, epoch 3" in out.stdout
     rq_bin = Path(sys.executable).with_name("rq")
     info_out = subprocess.run([str(rq_bin), "info", "--url", os.environ["REDIS_URL"], "gpu"], capture_output=True,
@@ -147,7 +114,7 @@ def test_start_training_in_a_real_worker_publishes_with_progress(stack):
 
 def test_twenty_webhooks_in_one_second_make_one_or_two_jobs_and_lose_nothing(stack):
     stack.start_worker("w-burst20")
-    wait_until(lambda: "w-burst20" in [w.name for w in Worker.all(queue=stack.queue)], 60, what="the worker")
+    wait_for(lambda: "w-burst20" in [w.name for w in Worker.all(queue=stack.queue)], 60, what="the worker")
     record_webhook(stack.redis, {"action": "TASKS_CREATED", "project": project(2),
                                  "tasks": [{"id": 200 + i, "data": {"image": f"/i/{i}.png"}} for i in range(20)]},
                    stack.settings)
@@ -167,7 +134,7 @@ def test_twenty_webhooks_in_one_second_make_one_or_two_jobs_and_lose_nothing(sta
         done = all(j.get_status() in ("finished", "failed") for j in jobs)
         return state["pending"] is None and state["running"] is None and jobs and done and jobs
 
-    jobs = wait_until(settled, 60, what="the project's jobs to settle")
+    jobs = wait_for(settled, 60, what="the project's jobs to settle")
     assert 1 <= len(jobs) <= 2, [j.id for j in jobs]
     assert all(j.get_status() == "finished" for j in jobs), stack.log_of("w-burst20")
     versions = stack.store.versions(2)
@@ -193,7 +160,7 @@ def test_a_killed_work_horse_is_retried_and_publishes(stack):
         job.refresh()
         return job.meta.get("stage") == "training" and (job.meta.get("epoch") or 0) >= 2 and job.meta.get("pid")
 
-    horse = wait_until(training, 60, what="training to reach epoch 2")
+    horse = wait_for(training, 60, what="training to reach epoch 2")
     os.kill(horse, signal.SIGKILL)
     assert stack.store.current(3) is None and stack.store.versions(3) == []
 
@@ -201,7 +168,7 @@ def test_a_killed_work_horse_is_retried_and_publishes(stack):
         job.refresh()
         return job.get_status() == "finished"
 
-    wait_until(finished, 60, what="the retried job to finish")
+    wait_for(finished, 60, what="the retried job to finish")
     assert job.retries_left == 1
     failure = job.meta["failures"][0]["error"]
     assert failure.startswith(f"work horse {horse} killed by signal 9") and "will be retried" in failure
@@ -230,7 +197,7 @@ def test_a_killed_worker_leaves_the_served_version_and_no_half_written_version(s
         job.refresh()
         return job.meta.get("stage") == "training" and (job.meta.get("epoch") or 0) >= 2 and job.meta.get("pid")
 
-    horse = wait_until(training, 60, what="training to reach epoch 2")
+    horse = wait_for(training, 60, what="training to reach epoch 2")
     # The machine is lost: the worker, its work horse and its scheduler process all die at once.
     family = [worker.pid] + [c.pid for c in psutil.Process(worker.pid).children(recursive=True)]
     assert horse in family
@@ -278,7 +245,7 @@ def test_two_workers_never_train_one_project_at_once(stack):
         job.refresh()
         return job.meta.get("stage") == name
 
-    wait_until(lambda: stage(job1, "training"), 60, what="the first training")
+    wait_for(lambda: stage(job1, "training"), 60, what="the first training")
     stack.seed(5, 2, start=6)
     second = record_webhook(stack.redis, {"action": "START_TRAINING", "project": project(5)},
                             stack.settings).training
@@ -290,7 +257,7 @@ def test_two_workers_never_train_one_project_at_once(stack):
         ok = state["pending"] is None and all(j.get_status() in ("finished", "failed") for j in jobs)
         return ok and len(stack.store.versions(5)) == 2 and jobs
 
-    jobs = wait_until(settled, 90, what="both trainings")
+    jobs = wait_for(settled, 90, what="both trainings")
     outcomes = {j.id: j.return_value() for j in jobs}
     assert outcomes[second["job_id"]]["status"] == "deferred"
     assert outcomes[second["job_id"]]["busy_with"] == first["job_id"]
@@ -313,9 +280,7 @@ def test_a_permanent_failure_is_not_retried_and_says_why(stack):
     job = fetch_job(stack.redis, info["job_id"])
     assert job.get_status() == "failed" and job.retries_left == 0
     assert "no label config known" in job.meta["error"]
-    out = subprocess.run([sys.executable, "-m", "worker.cli", "models", "status", "--project", "6"], cwd=REPO,
-                         capture_output=True, text=True, timeout=60)
+    out = run_cli("models", "status", "--project", "6")
     assert "failed" in out.stdout and "no label config known" in out.stdout
-    status = json.loads(subprocess.run([sys.executable, "-m", "worker.cli", "models", "status", "--json"], cwd=REPO,
-                                       capture_output=True, text=True, timeout=60).stdout)
+    status = json.loads(run_cli("models", "status", "--json").stdout)
     assert status["6"]["jobs"][0]["status"] == "failed"

