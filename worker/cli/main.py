@@ -21,24 +21,6 @@ log = logging.getLogger("semlabel")
 EXIT_INPUT_ERROR = 1
 
 
-def _quiet_third_party() -> None:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("sentence_transformers", "transformers", "huggingface_hub", "urllib3"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("semlabel: %(levelname)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    _quiet_third_party()
-
-
 def error_line(message: str) -> None:
     click.echo(f"semlabel: error: {message}", err=True)
 
@@ -73,7 +55,9 @@ class _Group(click.Group):
 @click.version_option(package_name="semlabel")
 def main(verbose: int, debug: bool) -> None:
     """semlabel: a Label Studio ML backend that proposes the labels annotators missed."""
-    _setup_logging(verbose)
+    from backend.ls.server import setup_logging
+
+    setup_logging(verbose)
 
 
 # --------------------------------------------------------------------------- doctor
