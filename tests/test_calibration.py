@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backend.model.calibration import (Calibration, elkan_noto_rate, expected_calibration_error,
+from backend.model.calibration import (Calibration, best_bin_rate, elkan_noto_rate, expected_calibration_error,
                                        fit_calibration, fit_options, fit_zero_shot_calibration)
 from backend.settings import Settings
 
@@ -53,6 +53,42 @@ def test_a_planted_observation_rate_is_recovered(rate):
     # ... and Elkan–Noto's E[g | o = 1] is biased low when positives are not separable,
     # which is why it only initialises the joint fit.
     assert (elkan_noto_rate(scores, observed) < rate - 0.05).all()
+
+
+def _single_positive(observed_from, y, g):
+    """One chosen label per image with a present label, picked uniformly among them."""
+    pick = torch.multinomial(y.clamp(min=1e-12) * (y.sum(1, keepdim=True) > 0), 1, generator=g).flatten()
+    chosen = torch.zeros_like(y)
+    rows = (y.sum(1) > 0).nonzero().flatten()
+    chosen[rows, pick[rows]] = 1.0
+    return chosen[observed_from]
+
+
+def test_single_positive_labels_are_calibrated_from_the_score_distribution():
+    """One label chosen per image (a present label is chosen with chance 1/|Y|, not a
+    constant rate): the likelihood alone cannot tell the rate from the map, and settles high
+    (probabilities far too low). Best Bin Estimation reads the rate off the scores'
+    distribution; the fit with it is calibrated against the true labels."""
+    _, y, scores, g = _synthetic(n=8000)
+    keep = y.sum(1) > 0
+    y, scores = y[keep], scores[keep]
+    observed = _single_positive(torch.arange(len(y)), y, g)
+    true_rate = float(observed.sum() / y.sum())
+    estimate = best_bin_rate(scores, observed, delta=FIT["bbe_delta"], gamma=FIT["bbe_gamma"])
+    assert abs(estimate - true_rate) < 0.08, (estimate, true_rate)
+    cal = fit_calibration(scores, observed, NAMES, **FIT)
+    assert cal.shared_rate == pytest.approx(max(estimate, FIT["min_rate"]), abs=1e-4)
+    ece = expected_calibration_error(cal.probabilities(scores, NAMES), y, bins=BINS)
+    assert ece < 0.03, ece
+    naive = fit_calibration(scores, observed, NAMES, fixed_rate=1.0, **FIT)
+    assert expected_calibration_error(naive.probabilities(scores, NAMES), y, bins=BINS) > 0.05
+
+
+def test_best_bin_rate_recovers_a_planted_constant_rate():
+    _, y, scores, g = _synthetic(n=8000)
+    for rate in (0.3, 0.7):
+        observed = y * torch.bernoulli(torch.full_like(y, rate), generator=g)
+        assert abs(best_bin_rate(scores, observed, delta=FIT["bbe_delta"], gamma=FIT["bbe_gamma"]) - rate) < 0.08
 
 
 def test_rare_labels_are_shrunk_towards_the_shared_calibration():

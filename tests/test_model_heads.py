@@ -242,7 +242,8 @@ def test_unseen_labels_lose_the_evidence_their_trained_neighbours_explain():
     C = 5
     names = [f"l{i}" for i in range(C)]
     H, batch = _unit(C, D, seed=50), _batch(4, 51)
-    base = MODEL.with_changes(adapter_hidden=16, gat_hidden=8, attn_dim=8, native_local_rank=6)
+    base = MODEL.with_changes(adapter_hidden=16, gat_hidden=8, attn_dim=8, native_local_rank=6,
+                              unseen_explain_away=0.0)
     plain = SigRL(D, base, 14.0, 0.6, native_dim=NATIVE)
     plain.fit_feature_stats(batch, FIT_ROWS)
     plain = _trained_like(plain, seed=52).eval()

@@ -22,6 +22,11 @@ positives are not perfectly separable. Rare labels are shrunk towards a shared c
 with few held-out positives keeps close to the shared map and a label never seen in
 held-out data uses it exactly.
 
+Single-positive annotation (one chosen label per image) is not SCAR: a present label is
+chosen with chance ``1/|Y|``, and the likelihood cannot tell ``c`` from the map there. Then
+the pooled rate is read off the distribution of the held-out scores (:func:`best_bin_rate`,
+Best Bin Estimation) and held fixed.
+
 Shapes: ``scores [n, C]``, ``observed [n, C]`` (0/1), ``mask [n, C]`` (1: the entry counts;
 0 e.g. for labels given to the model as known). Everything here is plain torch, CPU.
 """
@@ -34,8 +39,6 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-
-_EPS = 1e-6
 
 
 @dataclass
@@ -133,22 +136,40 @@ def elkan_noto_rate(scores: torch.Tensor, observed: torch.Tensor, mask: torch.Te
 
 
 def _pu_nll(zs, o, m, a, b, c):
-    """``−Σ m · log Bernoulli(o; c σ(a z + b))`` (parameters broadcast over labels)."""
-    p = torch.sigmoid(a * zs + b).clamp(_EPS, 1 - _EPS) * c
-    return -(m * (o * torch.log(p) + (1 - o) * torch.log1p(-p.clamp(max=1 - _EPS)))).sum()
+    """``−Σ m · log Bernoulli(o; c σ(a z + b))`` (parameters broadcast over labels), in log
+    space without clamping: ``log P(o=1) = log c + log σ(u)`` and ``log P(o=0) =
+    log((1 − c) + c σ(−u))`` — exact, with a gradient everywhere (clamped probabilities
+    have none where they clamp)."""
+    u = a * zs + b
+    c = torch.as_tensor(c, dtype=u.dtype)
+    log_c = torch.log(c)
+    log_not_c = torch.log1p(-c.clamp(max=1.0))  # −inf at c = 1: then log P(o=0) = log σ(−u)
+    log_chosen = log_c + F.logsigmoid(u)
+    log_unchosen = torch.logaddexp(log_not_c.expand_as(u), log_c + F.logsigmoid(-u))
+    return -(m * (o * log_chosen + (1 - o) * log_unchosen)).sum()
 
 
 def _minimise(params, loss_fn, iterations: int) -> None:
+    """L-BFGS on ``params`` in place; the result is the best point it evaluated (its strong
+    Wolfe line search does not promise that the last point is the best one)."""
     opt = torch.optim.LBFGS(params, max_iter=iterations, line_search_fn="strong_wolfe", tolerance_grad=1e-9,
                             tolerance_change=1e-12)
+    with torch.no_grad():
+        best = [float(loss_fn()), [p.detach().clone() for p in params]]
 
     def closure():
         opt.zero_grad()
         loss = loss_fn()
         loss.backward()
+        value = float(loss.detach())
+        if math.isfinite(value) and value < best[0]:
+            best[0], best[1] = value, [p.detach().clone() for p in params]
         return loss
 
     opt.step(closure)
+    with torch.no_grad():
+        for p, kept in zip(params, best[1]):
+            p.copy_(kept)
 
 
 def fit_calibration(
@@ -163,6 +184,10 @@ def fit_calibration(
     prior_strength: float,
     rate_prior: float,
     iterations: int,
+    single_positive_share: float,
+    bbe_delta: float,
+    bbe_gamma: float,
+    single_positive: bool | None = None,
     fixed_rate: float | None = None,
     per_label: bool = True,
 ) -> Calibration:
@@ -179,6 +204,16 @@ def fit_calibration(
        ``1 − w_k`` of the shared ones (``n_k``: its held-out observed positives; ``κ``:
        ``shrinkage`` for ``a, b`` and ``rate_shrinkage`` for ``logit c``).
 
+    Single-positive annotation (at least ``single_positive_share`` of the images with a
+    chosen label have exactly one) breaks the constant rate the likelihood assumes — a
+    present label is chosen with chance ``1/|Y|`` — and the likelihood then cannot tell
+    the rate from the map (on the bench it settled at 0.85 against a true 0.31: every
+    probability far too low). There the pooled rate is estimated from the distribution of
+    the scores instead (:func:`best_bin_rate` with ``bbe_delta``, ``bbe_gamma``) and held
+    fixed while the maps are fitted. ``single_positive``: the caller's decision (None: from
+    ``observed``; outputs given known labels leave one target in many images, so their
+    caller passes False).
+
     ``fixed_rate``: every ``c_k`` is this value (e.g. 1 for complete labels);
     ``per_label=False`` fits the shared map only (zero-shot calibration of a backbone, where
     labels are not known in advance). Scores are standardised internally (one prior fits
@@ -189,6 +224,10 @@ def fit_calibration(
     n_img, C = z.shape
     if n_img == 0 or float((o * m).sum()) == 0:
         return Calibration.identity(names)
+    if single_positive is None:
+        single_positive = one_positive_share(o, m) >= single_positive_share
+    if fixed_rate is None and single_positive:
+        fixed_rate = max(min_rate, best_bin_rate(z, o, m, delta=bbe_delta, gamma=bbe_gamma))
     flat = z[m > 0]
     mu, sd = float(flat.mean()), float(flat.std().clamp(min=1e-6))
     fit = _PUFit((z - mu) / sd, o, m, min_rate=min_rate, prior_strength=prior_strength, rate_prior=rate_prior,
@@ -273,7 +312,7 @@ class _PUFit:
             self._nll(a, b, common) + 0.5 * k * ((a - A0) ** 2 + (b - B0) ** 2).sum()) / self.n_img,
             self.iterations)
         pooled = common.detach()
-        a1, b1 = a.detach(), b.detach()
+        a1, b1 = a.detach().clone(), b.detach().clone()  # not views: a, b move on below
         cl = pooled.repeat(C).requires_grad_(True)
 
         def label_loss():
@@ -284,10 +323,61 @@ class _PUFit:
         return a.detach(), b.detach(), cl.detach(), pooled
 
 
+def best_bin_rate(scores: torch.Tensor, observed: torch.Tensor, mask: torch.Tensor | None = None, *,
+                  delta: float, gamma: float) -> float:
+    r"""The pooled observation rate from the *distribution* of held-out scores: Best Bin
+    Estimation (Garg et al. 2021, "Mixture proportion estimation and PU learning: a modern
+    approach"). Scores are standardised per label and pooled; ``α``, the share of present
+    labels among the unchosen entries, is read off the top bin where the chosen ones
+    dominate,
+
+    .. math::
+
+        \hat t = \arg\min_t \frac{q_U(t)}{q_P(t)} + \frac{1 + \gamma}{q_P(t)}
+                 \Big(\sqrt{\tfrac{\log(4/\delta)}{2 n_P}} + \sqrt{\tfrac{\log(4/\delta)}{2 n_U}}\Big),
+        \qquad \hat\alpha = q_U(\hat t) / q_P(\hat t),
+
+    (``q(t)``: the share of chosen (P) / unchosen (U) entries scoring ≥ t), and the rate is
+    ``n_P / (n_P + α n_U)``. It needs the top scores to be mostly present labels (a model
+    that ranks), not a constant rate per label — which single-positive annotation breaks (a
+    present label is chosen with chance ``1/|Y|``), and where the likelihood of
+    :func:`fit_calibration` then cannot tell the rate from the map."""
+    z = scores.detach().float()
+    o = observed.detach() > 0
+    m = torch.ones_like(z, dtype=torch.bool) if mask is None else mask.detach() > 0
+    zs = ((z - z.mean(0)) / z.std(0).clamp(min=1e-6))[m]
+    on = o[m]
+    zp, zu = zs[on], zs[~on]
+    n_p, n_u = len(zp), len(zu)
+    if n_p == 0 or n_u == 0:
+        return 1.0
+    bound = math.sqrt(math.log(4 / delta) / (2 * n_p)) + math.sqrt(math.log(4 / delta) / (2 * n_u))
+    thresholds = torch.cat([zp, zu]).sort(descending=True).values
+    # q(t) for every threshold at once: share of each sample at or above it
+    qp = torch.searchsorted(zp.sort().values, thresholds, right=False)
+    qp = 1 - qp.float() / n_p
+    qu = 1 - torch.searchsorted(zu.sort().values, thresholds, right=False).float() / n_u
+    ok = qp > 0
+    objective = torch.where(ok, qu / qp.clamp(min=1e-12) + (1 + gamma) / qp.clamp(min=1e-12) * bound,
+                            torch.full_like(qp, float("inf")))
+    t = int(objective.argmin())
+    alpha = float(qu[t] / qp[t])
+    return float(n_p / (n_p + alpha * n_u))
+
+
+def one_positive_share(observed: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """Share of images with a chosen label that have exactly one."""
+    o = observed.detach().float() * (1 if mask is None else mask.detach().float())
+    counts = o.sum(1)
+    labelled = counts > 0
+    return float((counts[labelled] == 1).float().mean()) if bool(labelled.any()) else 0.0
+
+
 def fit_options(cfg) -> dict:
     """The keyword arguments of :func:`fit_calibration` from ``configs: calibration``."""
     return dict(shrinkage=cfg.shrinkage, rate_shrinkage=cfg.rate_shrinkage, min_rate=cfg.min_observation_rate,
-                prior_strength=cfg.prior_strength, rate_prior=cfg.rate_prior, iterations=cfg.iterations)
+                prior_strength=cfg.prior_strength, rate_prior=cfg.rate_prior, iterations=cfg.iterations,
+                single_positive_share=cfg.single_positive_share, bbe_delta=cfg.bbe_delta, bbe_gamma=cfg.bbe_gamma)
 
 
 def fit_zero_shot_calibration(similarity: torch.Tensor, observed: torch.Tensor, mask: torch.Tensor | None = None,
@@ -320,5 +410,6 @@ def expected_calibration_error(probabilities: torch.Tensor, truth: torch.Tensor,
     return total / max(1, p.numel())
 
 
-__all__ = ["Calibration", "elkan_noto_rate", "expected_calibration_error", "fit_calibration", "fit_options",
+__all__ = ["Calibration", "elkan_noto_rate", "expected_calibration_error", "fit_calibration",
+           "best_bin_rate", "fit_options", "one_positive_share",
            "fit_zero_shot_calibration"]

@@ -90,6 +90,12 @@ class CalibrationSettings(Section):
     # Where scores rank nothing only c·P(label) is identified; the weak pull goes to this rate.
     rate_prior: float = Field(gt=0.0, lt=1.0)
     iterations: int = Field(ge=10)
+    # Single-positive annotation (this share of labelled images with exactly one chosen label):
+    # the pooled rate comes from the held-out scores' distribution (Best Bin Estimation,
+    # confidence delta, slack gamma), not from the likelihood.
+    single_positive_share: float = Field(gt=0.0)
+    bbe_delta: float = Field(gt=0.0, lt=1.0)
+    bbe_gamma: float = Field(ge=0.0)
     # Known-label (conditional) outputs: held-out positives given as known per image, in turns.
     conditional_samples: int = Field(ge=1)
 

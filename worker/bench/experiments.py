@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from worker.eval.metrics import label_subset_map
+from worker.eval.metrics import calibration, label_subset_map
 
 
 def served_predictor(model, runtime, directory: Path):
@@ -42,14 +42,18 @@ def unseen_labels_experiment(examples, feats, classes, unseen, test_feats, y_tes
     seen_space = runtime.label_space(seen, taxonomy)
     space = runtime.label_space(classes, taxonomy)
     runs = []
+    bench = settings.bench
     for seed in seeds:
         result = train_model([e for e, _ in pairs], seen_space, [f for _, f in pairs], settings,
                              backbone=runtime.backbone, seed=seed, taxonomy=taxonomy, show_progress=show_progress)
         predictor = served_predictor(result.model, runtime, scratch / str(seed))
         visual, _ = predictor.logits(test_feats, space)
-        runs.append(label_subset_map(visual, y_test, idx))
+        served = predictor.probabilities(test_feats, space)[:, idx]
+        runs.append({**label_subset_map(visual, y_test, idx),
+                     "ECE": calibration(served, y_test[:, idx], bench.ece_bins, bench.ece_binning)["ECE"]})
         shutil.rmtree(scratch / str(seed), ignore_errors=True)
     zs = label_subset_map(zero_shot, y_test, idx)
+    zs_ece = calibration(zero_shot[:, idx], y_test[:, idx], bench.ece_bins, bench.ece_binning)["ECE"]
     per_label = {classes[c]: round(float(np.mean([r["AP"].get(c, float("nan")) for r in runs])), 4) for c in idx}
     out = {
         "labels": list(unseen),
@@ -59,6 +63,9 @@ def unseen_labels_experiment(examples, feats, classes, unseen, test_feats, y_tes
         "AP_per_label": per_label,
         "zero_shot_AP": round(zs["mAP"], 4),
         "zero_shot_AP_per_label": {classes[c]: round(v, 4) for c, v in zs["AP"].items()},
+        # served probabilities of the unseen labels against their truth (zero-shot's beside)
+        "ECE": round(float(np.mean([r["ECE"] for r in runs])), 4),
+        "zero_shot_ECE": round(float(zs_ece), 4),
         "seeds": list(seeds),
     }
     out["gain_over_zero_shot"] = round(out["AP"] - out["zero_shot_AP"], 4)

@@ -130,11 +130,12 @@ class MethodRuns:
                 {"seed": seed, **{k: probe.summary.get(k) for k in ("lr", "weight_decay", "val_auc", "candidates")}})
             scores, probs = probe.logits(G_test), probe_probabilities(probe, G_test)
             seconds = probe.summary["train_seconds"]
-            runs.setdefault(name, []).append({**self.evaluate(scores, probs), "train_seconds": seconds,
+            # Hidden positives are ranked by the calibrated probabilities, as the heads' are.
+            runs.setdefault(name, []).append({**self.evaluate(scores, probs, probs), "train_seconds": seconds,
                                               "epochs": probe.summary["epochs_run"]})
             if spec["probe"] == "em":
                 runs.setdefault(name + " × co-occurrence", []).append({
-                    **self.evaluate(scores, probs, probe.cooccurrence_scores(G_test, self.test.known)),
+                    **self.evaluate(scores, probs, probe.cooccurrence_scores(G_test, self.test.known, probs)),
                     "train_seconds": seconds, "conditioning_only": True})
             if seed == self.seeds[0]:
                 self.figures_of(mode, name, scores, probs)
@@ -155,7 +156,11 @@ class MethodRuns:
             directory = self.out / "models" / mode if keep else self.scratch / f"{mode}-{index}-{seed}"
             predictor = served_predictor(result.model, self.runtime, directory)
             visual, _ = predictor.logits(test.feats, self.space)
-            _, conditional = predictor.logits(test.feats, self.space, test.known_names)
+            # Hidden positives are ranked as the backend ranks its suggestions: by the served
+            # (calibrated) probabilities given the known labels — raw logits of different
+            # labels are on different scales, so ranking labels of one image by them is not
+            # what an annotator is shown.
+            conditional = predictor.probabilities(test.feats, self.space, test.known_names)
             probs = predictor.probabilities(test.feats, self.space)
             seconds = result.summary["train_seconds"]
             runs.setdefault(name, []).append({**self.evaluate(visual, probs, conditional), "train_seconds": seconds,
@@ -163,7 +168,7 @@ class MethodRuns:
             if name == FULL:
                 self.full_runs.append((len(examples), seconds, result.summary["train_cpu_seconds"]))
                 runs.setdefault(name + ", known labels ignored", []).append(
-                    {**self.evaluate(visual, probs), "train_seconds": seconds, "conditioning_only": True})
+                    {**self.evaluate(visual, probs, probs), "train_seconds": seconds, "conditioning_only": True})
             if seed == self.seeds[0]:
                 self.figures_of(mode, name, visual, probs)
                 if keep:

@@ -122,7 +122,9 @@ def _table_lines(payload: dict) -> list[str]:
             lines.append(f"\nUnseen labels ({', '.join(unseen['labels'])} held out of training, SigRL on the "
                          f"other labels, {unseen['train_images']} images): AP {unseen['AP']:.3f} ± {unseen['AP_std']:.3f} "
                          f"vs zero-shot {unseen['zero_shot_AP']:.3f} ({per})"
-                         + (f"; trained with them {with_them:.3f}" if with_them is not None else "") + ".")
+                         + (f"; trained with them {with_them:.3f}" if with_them is not None else "")
+                         + (f"; ECE of their served probabilities {unseen['ECE']:.3f} (zero-shot "
+                            f"{unseen['zero_shot_ECE']:.3f})" if "ECE" in unseen else "") + ".")
         tuned = res.get("probe_tuning") or {}
         if tuned:
             lines.append("\nLinear probes tuned per seed on the validation split of the training export (lr, weight "

@@ -26,15 +26,17 @@ log = logging.getLogger(__name__)
 
 
 def model_scores(predictor, features, space: LabelSpace, known: torch.Tensor | None = None):
-    """(visual logits, conditional logits) of a SigRL predictor, or (probabilities,
-    probabilities) of any other Predictor."""
+    """(visual scores, scores given the ``known`` labels): the visual logits of a SigRL
+    predictor (per-label rankings, mAP) or any other Predictor's probabilities, and the
+    served probabilities given the known labels — what the backend ranks suggestions by,
+    so the recall of hidden positives is the recall of what an annotator is shown."""
     known_names = None
     if known is not None:
         known_names = [[space.names[j] for j in row.nonzero().flatten().tolist()] for row in known]
+    conditional = predictor.probabilities(features, space, known_names)
     if hasattr(predictor, "logits"):
-        return predictor.logits(features, space, known_names)
-    probs = predictor.probabilities(features, space, known_names)
-    return probs, probs
+        return predictor.logits(features, space)[0], conditional
+    return predictor.probabilities(features, space), conditional
 
 
 def evaluate_outputs(
@@ -112,7 +114,7 @@ def evaluate_features(
     probabilities = predictor.probabilities(features, space)
     model = evaluate_outputs(visual, y, space.names, conditional=conditional, probabilities=probabilities, **kw)
     model["unconditioned_hidden_recall"] = {
-        f"@{k}": round(hidden_recall_at_k(visual, known, hidden, k), 4) for k in recall_ks
+        f"@{k}": round(hidden_recall_at_k(probabilities, known, hidden, k), 4) for k in recall_ks
     }
     model["calibration"] = calibration(probabilities, y, ece_bins, ece_binning)
     out = {"model": model}

@@ -66,9 +66,14 @@ class ProbeResult:
         return self.calibration.probabilities(z, self.names) if self.calibration else torch.sigmoid(z)
 
     @torch.no_grad()
-    def cooccurrence_scores(self, G: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-        """``log p(c|x) + log mean_{j∈K} P̂(c|j)`` (just ``log p(c|x)`` without known labels)."""
-        logp = torch.nn.functional.logsigmoid(self.logits(G))
+    def cooccurrence_scores(self, G: torch.Tensor, known: torch.Tensor,
+                            probabilities: torch.Tensor | None = None) -> torch.Tensor:
+        """``log p(c|x) + log mean_{j∈K} P̂(c|j)`` (just ``log p(c|x)`` without known labels);
+        ``p``: the given (e.g. calibrated) probabilities, else the sigmoid of the logits."""
+        if probabilities is None:
+            logp = torch.nn.functional.logsigmoid(self.logits(G))
+        else:
+            logp = torch.log(probabilities.clamp(min=1e-9))
         P = smoothed_conditional(self.stats, self.names)
         weights = known / known.sum(1, keepdim=True).clamp(min=1.0)
         support = weights @ P

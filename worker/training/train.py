@@ -171,7 +171,9 @@ def fit_model_calibration(module: SigRL, forward, features: EncodedImages, Y, id
                 zs.append(z)
                 ys.append(y[rows])
                 ms.append(1.0 - known)
-            out["conditional"] = fit_calibration(torch.cat(zs), torch.cat(ys), names, torch.cat(ms), **kw)
+            # One target left in many images is how these samples are drawn, not single-positive annotation.
+            out["conditional"] = fit_calibration(torch.cat(zs), torch.cat(ys), names, torch.cat(ms), **kw,
+                                                 single_positive=False)
     return out
 
 
