@@ -77,7 +77,12 @@ def test_single_positive_labels_are_calibrated_from_the_score_distribution():
     estimate = best_bin_rate(scores, observed, delta=FIT["bbe_delta"], gamma=FIT["bbe_gamma"])
     assert abs(estimate - true_rate) < 0.08, (estimate, true_rate)
     cal = fit_calibration(scores, observed, NAMES, **FIT)
-    assert cal.shared_rate == pytest.approx(max(estimate, FIT["min_rate"]), abs=1e-4)
+    assert abs(cal.shared_rate - true_rate) < 0.08, (cal.shared_rate, true_rate)
+    # A handful of held-out images cannot place the top bin: the rate is pulled towards the
+    # likelihood's (the safe side: unchosen labels read as absent).
+    few = fit_calibration(scores[:12], observed[:12], NAMES, **FIT)
+    scar = fit_calibration(scores[:12], observed[:12], NAMES, **{**FIT, "single_positive_share": 2.0})
+    assert true_rate + 0.1 < few.shared_rate < scar.shared_rate, (few.shared_rate, scar.shared_rate)
     ece = expected_calibration_error(cal.probabilities(scores, NAMES), y, bins=BINS)
     assert ece < 0.03, ece
     naive = fit_calibration(scores, observed, NAMES, fixed_rate=1.0, **FIT)

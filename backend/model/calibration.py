@@ -227,7 +227,9 @@ def fit_calibration(
     if single_positive is None:
         single_positive = one_positive_share(o, m) >= single_positive_share
     if fixed_rate is None and single_positive:
-        fixed_rate = max(min_rate, best_bin_rate(z, o, m, delta=bbe_delta, gamma=bbe_gamma))
+        fixed_rate = _single_positive_rate(z, o, m, names, shrinkage=shrinkage, rate_shrinkage=rate_shrinkage,
+                                           min_rate=min_rate, prior_strength=prior_strength, rate_prior=rate_prior,
+                                           iterations=iterations, delta=bbe_delta, gamma=bbe_gamma)
     flat = z[m > 0]
     mu, sd = float(flat.mean()), float(flat.std().clamp(min=1e-6))
     fit = _PUFit((z - mu) / sd, o, m, min_rate=min_rate, prior_strength=prior_strength, rate_prior=rate_prior,
@@ -321,6 +323,19 @@ class _PUFit:
 
         _minimise(self._rates(a, b, cl), label_loss, self.iterations)
         return a.detach(), b.detach(), cl.detach(), pooled
+
+
+def _single_positive_rate(z, o, m, names, *, shrinkage, delta, gamma, **likelihood) -> float:
+    """The pooled rate of single-positive annotation: :func:`best_bin_rate`'s, from ``n`` chosen
+    labels, shrunk towards the likelihood's rate with the pseudo-count ``shrinkage``,
+    ``(n·c_BBE + κ·c_lik) / (n + κ)``. A few held-out images (a small project) cannot place
+    the top bin; the likelihood's rate, too high there, errs on the safe side (unchosen
+    labels read as absent, little pre-selected)."""
+    n = float((o * m).sum())
+    c_bbe = best_bin_rate(z, o, m, delta=delta, gamma=gamma)
+    c_lik = fit_calibration(z, o, names, m, shrinkage=shrinkage, single_positive=False, single_positive_share=1.0,
+                            bbe_delta=delta, bbe_gamma=gamma, per_label=False, **likelihood).shared_rate
+    return max(likelihood["min_rate"], (n * c_bbe + shrinkage * c_lik) / (n + shrinkage))
 
 
 def best_bin_rate(scores: torch.Tensor, observed: torch.Tensor, mask: torch.Tensor | None = None, *,
