@@ -113,6 +113,8 @@ class TrainSettings(Section):
     # Weights of the trained heads against the zero-shot model tried on held-out data
     # (z = w z_heads + (1 - w) z_zero_shot); the best held-out score wins, ties to larger w.
     shrink_weights: list[float]
+    # The largest shrink weight within this much held-out observed-label AUC of the best.
+    shrink_tolerance: float = Field(ge=0.0)
     # Minimum number of training images with known labels sampled before the known-label
     # expert is used at inference (below it the expert contributes nothing).
     min_known_samples: int = Field(ge=0)

@@ -123,10 +123,13 @@ def calibrate_init(module: SigRL, features: EncodedImages, H, global_weight: flo
 
 
 def choose_heads_weight(module: SigRL, forward, features: EncodedImages, embeddings, Y, val_idx,
-                        weights: Sequence[float], device, batch_size: int) -> tuple[float, dict]:
-    """Shrink the trained heads towards the zero-shot model: the ``w`` of ``weights`` with
-    the best held-out :func:`observed_auc` of ``w z_heads + (1 − w) z_zero-shot`` (ties: the
-    larger w). Returns (w, {w: score}); ``w = 1`` without a validation split."""
+                        weights: Sequence[float], device, batch_size: int,
+                        tolerance: float) -> tuple[float, dict]:
+    """Shrink the trained heads towards the zero-shot model: the largest ``w`` of ``weights``
+    whose held-out :func:`observed_auc` of ``w z_heads + (1 − w) z_zero-shot`` is within
+    ``tolerance`` of the best (a difference below it is the split's noise, and a blend with
+    the weak zero-shot scores costs calibration). Returns (w, {w: score}); ``w = 1`` without
+    a validation split."""
     if len(val_idx) == 0 or not weights:
         return 1.0, {}
     with torch.no_grad():
@@ -142,7 +145,7 @@ def choose_heads_weight(module: SigRL, forward, features: EncodedImages, embeddi
     if not finite:
         return 1.0, scores
     best = max(finite.values())
-    chosen = max(w for w, v in finite.items() if v >= best - 1e-9)
+    chosen = max(w for w, v in finite.items() if v >= best - tolerance)
     module.heads_weight.fill_(chosen)
     return chosen, scores
 
@@ -240,7 +243,7 @@ def train_model(
     known_active = mcfg.use_known and outcome.known_samples >= max(1, tcfg.min_known_samples)
     module.known_active.fill_(1.0 if known_active else 0.0)
     heads_weight, shrink_scores = choose_heads_weight(module, forward, feats, H, Y, val_idx, tcfg.shrink_weights,
-                                                      device, batch)
+                                                      device, batch, tcfg.shrink_tolerance)
     calibration = calibrate(module, forward, feats, Y, train_idx, val_idx, names, settings.calibration, device, seed,
                             batch)
     module.cpu()
