@@ -109,6 +109,8 @@ def test_the_consumer_thread_drains_the_stream(service, redis_conn):
     queue.start()
     try:
         wait_for(lambda: redis_conn.xlen(queue.key) == 0, 10, step=0.05, what="the stream to drain")
+        # the count follows the delete of each entry: wait for it rather than race it
+        wait_for(lambda: queue.handled >= 3, 5, step=0.05, what="three handled jobs")
         assert queue.handled == 3
     finally:
         queue.stop()

@@ -111,7 +111,8 @@ class TrainSettings(Section):
     # projects still get a held-out check, calibration and shrinkage towards zero-shot).
     min_val_images: int = Field(ge=0)
     # Weights of the trained heads against the zero-shot model tried on held-out data
-    # (z = w z_heads + (1 - w) z_zero_shot); the best held-out score wins, ties to larger w.
+    # (z = w z_heads + (1 - w) z_zero_shot); the largest w within shrink_tolerance of the best
+    # held-out score wins.
     shrink_weights: list[float]
     # The largest shrink weight within this much held-out observed-label AUC of the best.
     shrink_tolerance: float = Field(ge=0.0)
