@@ -368,12 +368,11 @@ def best_bin_rate(scores: torch.Tensor, observed: torch.Tensor, mask: torch.Tens
         return 1.0
     bound = math.sqrt(math.log(4 / delta) / (2 * n_p)) + math.sqrt(math.log(4 / delta) / (2 * n_u))
     thresholds = torch.cat([zp, zu]).sort(descending=True).values
-    # q(t) for every threshold at once: share of each sample at or above it
-    qp = torch.searchsorted(zp.sort().values, thresholds, right=False)
-    qp = 1 - qp.float() / n_p
-    qu = 1 - torch.searchsorted(zu.sort().values, thresholds, right=False).float() / n_u
-    ok = qp > 0
-    objective = torch.where(ok, qu / qp.clamp(min=1e-12) + (1 + gamma) / qp.clamp(min=1e-12) * bound,
+    # q(t) for every threshold at once: the share of each sample at or above it (the top
+    # threshold is a score itself, so q_P > 0 wherever a positive is at or above it)
+    qp = 1 - torch.searchsorted(zp.sort().values, thresholds).float() / n_p
+    qu = 1 - torch.searchsorted(zu.sort().values, thresholds).float() / n_u
+    objective = torch.where(qp > 0, (qu + (1 + gamma) * bound) / qp.clamp(min=1e-12),
                             torch.full_like(qp, float("inf")))
     t = int(objective.argmin())
     alpha = float(qu[t] / qp[t])

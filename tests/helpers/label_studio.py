@@ -15,7 +15,6 @@ Concurrent test sessions share the cache safely (a file lock around install and 
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import signal
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import requests
 
+from backend.store.files import flocked
 from tests.helpers.waiting import free_port
 
 LS_VERSION = os.environ.get("SEMLABEL_TEST_LS_VERSION", "1.23.2")
@@ -50,13 +50,10 @@ def cache_home() -> Path:
 
 @contextmanager
 def _locked(path: Path):
+    """The store's ``flocked`` on a lock file whose folder may not exist yet."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with flocked(path):
+        yield
 
 
 def ensure_installed(log=print) -> Path:
