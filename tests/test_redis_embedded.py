@@ -16,8 +16,9 @@ import pytest
 import redis
 
 from backend.errors import RedisUnavailable
+from backend.net import free_port
 from tests.helpers.processes import REPO, run_cli, stop_all
-from tests.helpers.waiting import free_port, wait_for
+from tests.helpers.waiting import wait_for
 
 
 def answers(port: int) -> bool:

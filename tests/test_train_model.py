@@ -152,6 +152,26 @@ def test_save_load_serve_and_suggest(trained, fashion_set, runtime, tmp_path):
     assert any(s.reasons.co_occurring for items in suggestions for s in items)
 
 
+def test_a_model_with_reduced_native_features_loads_with_its_full_native_width(fashion_set, runtime, settings,
+                                                                                tmp_path):
+    """Training reduces the native features once (principal bases); the saved model records
+    the backbone's native width, not the reduced one, so it loads and scores raw features."""
+    examples, _ = _examples(fashion_set)
+    space = runtime.label_space(fashion_set["classes"])
+    cfg = settings.model.with_changes(native_global_rank=16, native_local_rank=8)
+    result = train_model(examples, space, fashion_set["train"]["batch"], settings, backbone=runtime.backbone,
+                         model_cfg=cfg, train_cfg=FAST.model_copy(update={"epochs": 2, "patience": 2}),
+                         show_progress=False)
+    native = fashion_set["test"]["batch"].native_global.shape[1]
+    assert result.model.backbone["native_dim"] == native and native > 16
+    predictor = load_predictor(save_model(result.model, tmp_path / "model"), runtime)
+    assert predictor.model.module.native_dim == native
+    feats = fashion_set["test"]["features"][:8]
+    expected = result.model.calibration["visual"].probabilities(
+        _test_scores(result.model, space, fashion_set)[:8], space.names)
+    assert torch.allclose(predictor.probabilities(feats, space), expected, atol=1e-5)
+
+
 def test_bad_model_directories_are_refused(trained, runtime, tmp_path):
     good = save_model(trained["result"].model, tmp_path / "good")
     with pytest.raises(ModelLoadError, match="not a model directory"):

@@ -12,7 +12,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,25 +22,7 @@ from typing import Callable
 from gunicorn.workers.gthread import ThreadWorker
 
 from ..errors import ConfigError
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an address or name to bind) is reachable from this machine only."""
-    import ipaddress
-
-    name = host.strip().strip("[]").lower()
-    if name in ("localhost", "localhost.localdomain", "ip6-localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False  # a name: it may resolve to any interface
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
+from ..net import free_port, is_loopback
 
 def check_bind(host: str, *, insecure: bool = False) -> str | None:
     """ConfigError when serving on ``host`` would expose an unauthenticated backend (or the

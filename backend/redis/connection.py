@@ -31,6 +31,7 @@ from urllib.parse import urlparse
 import redis
 
 from ..errors import RedisUnavailable
+from ..net import free_port
 from ..settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -182,12 +183,6 @@ def _authenticated_server_class():
     return AuthenticatedValkeyServer
 
 
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 class EmbeddedRedis:
     """A ``valkey-server`` child process with append-only persistence in ``data_dir``.
 
@@ -199,7 +194,7 @@ class EmbeddedRedis:
     def __init__(self, data_dir: Path, *, port: int, appendfsync: str, start_timeout_s: float,
                  stop_timeout_s: float, url_file: Path | None = None):
         self.data_dir = Path(data_dir)
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.appendfsync = appendfsync
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s

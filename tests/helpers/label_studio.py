@@ -28,7 +28,7 @@ from pathlib import Path
 import requests
 
 from backend.store.files import flocked
-from tests.helpers.waiting import free_port
+from backend.net import free_port
 
 LS_VERSION = os.environ.get("SEMLABEL_TEST_LS_VERSION", "1.23.2")
 USERNAME = "admin@example.com"

@@ -19,7 +19,8 @@ import time
 
 import pytest
 
-from tests.helpers.waiting import free_port, wait_for
+from backend.net import free_port
+from tests.helpers.waiting import wait_for
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 6379
 CLAIM_KEY = "__semlabel_test_claim__"

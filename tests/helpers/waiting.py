@@ -1,8 +1,7 @@
-"""Waiting in tests: poll a condition until it holds; pick a free loopback port."""
+"""Waiting in tests: poll a condition until it holds."""
 
 from __future__ import annotations
 
-import socket
 import time
 
 
@@ -22,10 +21,3 @@ def wait_for(predicate, timeout: float = 30.0, step: float = 0.1, what="conditio
             said = what() if callable(what) else what
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {said}")
         time.sleep(step)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (the OS's pick for a bind to port 0)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]

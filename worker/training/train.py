@@ -228,16 +228,12 @@ def train_model(
     module, graph, H, feats = build_heads(feats, Y, train_idx, space, stats_train, mcfg, info, seed, device,
                                           fit_rows=tcfg.projection_fit_rows, batch_size=batch)
     forward = heads_forward(module, H.to(device), graph)
-    outcome = fit(
-        module, forward, feats, Y, train_idx, val_idx, PartialLabelLoss(lcfg, label_similarity(lcfg, names, H, taxonomy)),
-        tcfg, seed=seed, device=device,
-        zero_shot=zero_shot_targets(feats, H, settings.zero_shot, info, batch) if lcfg.kind == "em_pl" else None,
+    zero_shot = zero_shot_targets(feats, H, settings.zero_shot, info, batch) if lcfg.kind == "em_pl" else None
+    outcome = fit(module, forward, feats, Y, train_idx, val_idx, PartialLabelLoss(lcfg, label_similarity(
+        lcfg, names, H, taxonomy)), tcfg, seed=seed, device=device, zero_shot=zero_shot,
         known_rate=tcfg.known_rate if mcfg.use_known else 0.0,
-        recon_weight=lcfg.reconstruction_weight if mcfg.use_svfr else 0.0,
-        conditional_loss=PartialLabelLoss(
-            lcfg.model_copy(update={"kind": lcfg.conditional_kind, "semantic": False, "ranking_weight": 0.0})),
-        progress=progress, desc="train SigRL", show_progress=show_progress,
-    )
+        recon_weight=lcfg.reconstruction_weight if mcfg.use_svfr else 0.0, conditional_loss=conditional_loss(lcfg),
+        progress=progress, desc="train SigRL", show_progress=show_progress)
     # The known-label expert is used only when training gave it enough to learn from
     # (single-positive data: never — an image needs two chosen labels to give one as known).
     known_active = mcfg.use_known and outcome.known_samples >= max(1, tcfg.min_known_samples)
@@ -249,22 +245,12 @@ def train_model(
     module.cpu()
     metrics = held_out_metrics(module, graph.to("cpu"), H, feats, Y, val_idx, names, batch)
     metrics["observed_auc"] = outcome.best_val_score if len(val_idx) else None
-    summary = {
-        "images": len(examples), "train_images": int(len(train_idx)), "val_images": int(len(val_idx)),
-        "labels": len(names), "labels_with_examples": int((Y.sum(0) > 0).sum()), "positives": int(Y.sum()),
-        "epochs_run": outcome.epochs_run, "best_epoch": outcome.best_epoch,
-        "selection": "held-out ROC-AUC of observed labels", "known_samples": outcome.known_samples,
-        "known_expert": bool(known_active), "heads_weight": heads_weight,
-        "shrink_scores": {str(k): (round(v, 5) if not math.isnan(v) else None) for k, v in shrink_scores.items()},
-        "observation_rate": round(calibration["visual"].shared_rate, 4),
-        "train_seconds": round(outcome.seconds, 3), "train_cpu_seconds": round(outcome.cpu_seconds, 3),
-        "total_seconds": round(time.perf_counter() - t_start, 3),
-        "device": str(device), "seed": seed,
-    }
+    summary = training_summary(Y, train_idx, val_idx, outcome, known_active, heads_weight, shrink_scores, calibration)
+    summary.update(total_seconds=round(time.perf_counter() - t_start, 3), device=str(device), seed=seed)
     model = TrainedModel(
         module=module, labels=list(names), stats=CooccurrenceStats.from_label_sets([e.positives for e in examples]),
         backbone={k: info[k] for k in ("name", "fingerprint") if k in info}
-        | {"dim": int(feats.global_.shape[1]), "native_dim": int(feats.native_global.shape[1])},
+        | {"dim": int(module.dim), "native_dim": int(module.native_dim)},
         loss=lcfg.model_dump(), train=tcfg.model_dump(), seed=seed, summary=summary,
         taxonomy=dict(taxonomy.parent) if taxonomy is not None else None, calibration=calibration,
     )
@@ -272,6 +258,28 @@ def train_model(
         progress({"stage": "trained", **{k: summary[k] for k in ("epochs_run", "best_epoch", "train_seconds")},
                   "val_map": metrics.get("mAP")})
     return TrainResult(model, metrics, summary, outcome.history)
+
+
+def conditional_loss(lcfg: LossSettings) -> PartialLabelLoss:
+    """The known-label expert's loss: ``loss.conditional_kind``, without the semantic and
+    ranking terms (they shape the visual scores, not P(c | known labels))."""
+    return PartialLabelLoss(lcfg.model_copy(update={"kind": lcfg.conditional_kind, "semantic": False,
+                                                     "ranking_weight": 0.0}))
+
+
+def training_summary(Y, train_idx, val_idx, outcome, known_active: bool, heads_weight: float, shrink_scores: dict,
+                     calibration: dict) -> dict:
+    """What :attr:`TrainResult.summary` says of the data, the epochs and the choices after them."""
+    return {
+        "images": int(Y.shape[0]), "train_images": int(len(train_idx)), "val_images": int(len(val_idx)),
+        "labels": int(Y.shape[1]), "labels_with_examples": int((Y.sum(0) > 0).sum()), "positives": int(Y.sum()),
+        "epochs_run": outcome.epochs_run, "best_epoch": outcome.best_epoch,
+        "selection": "held-out ROC-AUC of observed labels", "known_samples": outcome.known_samples,
+        "known_expert": bool(known_active), "heads_weight": heads_weight,
+        "shrink_scores": {str(k): (round(v, 5) if not math.isnan(v) else None) for k, v in shrink_scores.items()},
+        "observation_rate": round(calibration["visual"].shared_rate, 4),
+        "train_seconds": round(outcome.seconds, 3), "train_cpu_seconds": round(outcome.cpu_seconds, 3),
+    }
 
 
 def build_heads(feats: EncodedImages, Y, train_idx, space: LabelSpace, stats, mcfg: ModelSettings, info: dict,
