@@ -85,6 +85,34 @@ def test_small_bench_writes_label_studio_exports_reports_and_reuses_features(sma
     assert again["results"]["partial"]["rows"]["zero-shot"]["mAP"] == first["results"]["partial"]["rows"]["zero-shot"]["mAP"]
 
 
+def test_validation_split_scores_on_training_file_items_no_training_mosaic_uses(small_settings, tmp_path,
+                                                                               monkeypatch):
+    import worker.bench.bench as bench_module
+    from backend.settings import config_dir
+    from worker.bench.fashion import OutfitStructure, build_mosaics
+
+    inserted = []
+    monkeypatch.setattr(bench_module, "insert_readme_table", inserted.append)
+    out = tmp_path / "bench"
+    report = run_bench(out, train_images=60, test_images=40, settings=small_settings, methods=["zero-shot"],
+                       modes=("partial",), update_readme=True, timing=False, show_progress=False, split="validation")
+    assert report["data"]["split"] == "validation" and report["command"].endswith("--split validation")
+    assert not inserted  # validation figures never replace the README's test table
+    tasks = read_export(out / "validation.json")
+    assert len(tasks) == 40 and tasks[0]["data"]["image"].startswith("/data/local-files/?d=images/validation/")
+    assert not (out / "test.json").exists() and len(list((out / "images" / "validation").glob("*.png"))) == 40
+    assert "40 fully labelled validation images" in report["markdown"]
+    # The validation mosaics draw from the training file, leaving out the training mosaics' items.
+    structure = OutfitStructure.from_yaml(config_dir() / small_settings.bench.outfits)
+    train = build_mosaics(structure, "train", 60, tmp_path / "t", seed=small_settings.bench.seed)
+    used = {j for items in train.items for j in items}
+    validation = build_mosaics(structure, "train", 40, tmp_path / "v", seed=small_settings.bench.validation_seed,
+                               exclude_items=sorted(used))
+    assert all(j not in used for items in validation.items for j in items)
+    assert [p.read_bytes() for p in validation.paths] == [
+        p.read_bytes() for p in sorted((out / "images" / "validation").glob("*.png"))]
+
+
 def test_readme_table_insertion(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# x\n<!-- section:model -->\nintro\n<!-- bench:table:start -->\nold\n"

@@ -165,6 +165,7 @@ class BenchSettings(Section):
     seeds: list[int]  # training seeds; figures are their mean
     partial_keep: float = Field(gt=0.0, le=1.0)
     hidden_seed: int
+    validation_seed: int  # complete-label validation mosaics (training-file items)
     outfits: str
     taxonomy: str
     class_temperature: float = Field(gt=0.0)

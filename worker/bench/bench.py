@@ -4,7 +4,8 @@
    ``configs/bench/fashion_outfits.yaml``) and writes them as PNG files plus Label Studio
    exports into the output directory: ``train_single.json`` (one positive per image),
    ``train_partial.json`` (each true label kept with probability ``bench.partial_keep``, at
-   least one), ``test.json`` (complete labels) and ``label_config.xml``. Image references are
+   least one), ``test.json`` (complete labels; ``--split validation``: ``validation.json``,
+   complete-label mosaics of training-file items no training mosaic uses) and ``label_config.xml``. Image references are
    Label Studio local-storage URLs (``/data/local-files/?d=images/...``).
 2. Reads the exports back through :mod:`worker.training.data` and gets features through the
    FeatureStore (cached: a second run computes nothing), with the packaged backbone at
@@ -67,26 +68,40 @@ def _local_files_url(rel: str) -> str:
     return f"/data/local-files/?d={rel}"
 
 
-def build_data(out: Path, settings: Settings, train_images: int, test_images: int) -> dict:
+#: ``--split``: where the complete-label evaluation images come from — (Fashion-MNIST file,
+#: image folder under the output directory, export name)
+EVAL_SPLITS = {"test": ("test", "images", "test.json"), "validation": ("train", "images/validation", "validation.json")}
+
+
+def build_data(out: Path, settings: Settings, train_images: int, test_images: int, split: str = "test") -> dict:
+    """The training mosaics and exports, and the complete-label evaluation images of ``split``:
+    ``test`` (the test file's items) or ``validation`` (the training file's items that no
+    training mosaic uses, mosaic seed ``bench.validation_seed``; for choosing defaults without
+    the test images)."""
     bench = settings.bench
     structure = OutfitStructure.from_yaml(config_dir() / bench.outfits)
     images = out / "images"
     train = build_mosaics(structure, "train", train_images, images, seed=bench.seed)
-    test = build_mosaics(structure, "test", test_images, images, seed=bench.seed + 1)
-    rel = lambda paths: [_local_files_url(f"images/{p.name}") for p in paths]  # noqa: E731
+    source, folder, export = EVAL_SPLITS[split]
+    if split == "test":
+        test = build_mosaics(structure, source, test_images, out / folder, seed=bench.seed + 1)
+    else:
+        test = build_mosaics(structure, source, test_images, out / folder, seed=bench.validation_seed,
+                             exclude_items=[j for items in train.items for j in items])
+    rel = lambda paths, folder="images": [_local_files_url(f"{folder}/{p.name}") for p in paths]  # noqa: E731
     exports = {
         "single": partial_labels(train.labels, "single", np.random.default_rng(bench.seed + 2)),
         "partial": partial_labels(train.labels, "partial", np.random.default_rng(bench.seed + 3), bench.partial_keep),
     }
     for mode, labels in exports.items():
         write_json(out / f"train_{mode}.json", label_studio_export(rel(train.paths), labels))
-    write_json(out / "test.json", label_studio_export(rel(test.paths), test.labels, first_id=100_000))
+    write_json(out / export, label_studio_export(rel(test.paths, folder), test.labels, first_id=100_000))
     (out / "label_config.xml").write_text(label_config_xml(structure.classes))
     return {"classes": structure.classes, "train_styles": train.styles, "train_full": train.labels}
 
 
-def _test_set(out: Path, classes, runtime, space, hidden_seed: int, show_progress) -> TestSet:
-    examples, _ = examples_from_tasks(read_export(out / "test.json"), classes, images_root=out)
+def _test_set(out: Path, classes, runtime, space, hidden_seed: int, show_progress, split: str = "test") -> TestSet:
+    examples, _ = examples_from_tasks(read_export(out / EVAL_SPLITS[split][2]), classes, images_root=out)
     examples, feats, errors = usable_features(examples, runtime, show_progress)
     y = targets([e.positives for e in examples], classes)
     known, hidden = hide_positives(y, hidden_seed)
@@ -107,9 +122,11 @@ def run_bench(
     methods: Sequence[str] | None = None,
     timing: bool = True,
     show_progress: bool | None = None,
+    split: str = "test",
 ) -> dict:
     """The benchmark (module docstring); returns the payload of ``bench.json`` plus the
-    markdown table under ``"markdown"``."""
+    markdown table under ``"markdown"``. ``split``: the complete-label images every method is
+    scored on (:data:`EVAL_SPLITS`; ``validation`` never updates the README table)."""
     from backend.runtime import Runtime
 
     t_start = time.perf_counter()
@@ -121,8 +138,10 @@ def run_bench(
     for mode in modes:
         if mode not in SETTING_TITLES:
             raise ValueError(f"unknown label setting {mode!r} (single, partial)")
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"unknown split {split!r} ({', '.join(EVAL_SPLITS)})")
     t0 = time.perf_counter()
-    classes = build_data(out, settings, n_train, n_test)["classes"]
+    classes = build_data(out, settings, n_train, n_test, split)["classes"]
     taxonomy = Taxonomy.from_yaml(config_dir() / bench.taxonomy)
     data_seconds = time.perf_counter() - t0
     unseen = [c for c in bench.unseen_labels if c in classes]
@@ -131,7 +150,7 @@ def run_bench(
     runtime = Runtime.create(settings, backbone_kind="packaged")
     space = runtime.label_space(classes, taxonomy)
     t0 = time.perf_counter()
-    test = _test_set(out, classes, runtime, space, bench.hidden_seed, show_progress)
+    test = _test_set(out, classes, runtime, space, bench.hidden_seed, show_progress, split)
     train_sets = {}
     for mode in modes:
         examples, report = examples_from_tasks(read_export(out / f"train_{mode}.json"), classes, images_root=out)
@@ -148,11 +167,13 @@ def run_bench(
     seconds["wall"] = round(time.perf_counter() - t_start, 1)
     payload = {
         "command": "semlabel bench" + (f" --train-images {n_train}" if train_images else "")
-                   + (f" --test-images {n_test}" if test_images else ""),
+                   + (f" --test-images {n_test}" if test_images else "")
+                   + (f" --split {split}" if split != "test" else ""),
         "data": {
             "source": "Fashion-MNIST idx files (Debian dataset-fashion-mnist)",
             "train_images": len(train_sets[modes[0]][0]) if modes else 0,
             "test_images": len(test.examples),
+            "split": split,
             "labels": classes,
             "mean_labels_per_test_image": round(float(test.y.sum(1).mean()), 3),
             "hidden_positive_images": int((test.hidden.sum(1) > 0).sum()),
@@ -175,7 +196,7 @@ def run_bench(
         "timing_1000": timing_info,
         "figures": figures,
     }
-    return _write_reports(out, payload, update_readme)
+    return _write_reports(out, payload, update_readme and split == "test")
 
 
 def _write_reports(out: Path, payload: dict, update_readme: bool) -> dict:

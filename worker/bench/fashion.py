@@ -135,6 +135,7 @@ class MosaicSet:
     paths: list[Path]
     labels: list[list[str]]
     styles: list[str]
+    items: list[list[int]]  # indices of the items (in their idx file) of every mosaic
 
 
 def build_mosaics(
@@ -144,30 +145,35 @@ def build_mosaics(
     out_dir: str | os.PathLike,
     seed: int,
     source_root: str | os.PathLike | None = None,
+    exclude_items: Sequence[int] = (),
 ) -> MosaicSet:
     """Write ``count`` outfit mosaics of the ``split`` items as PNG files under ``out_dir``.
 
     Deterministic for a given seed; existing identical files are left alone (so the
-    feature cache, keyed by content, is reused by a second run).
+    feature cache, keyed by content, is reused by a second run). ``exclude_items``: item
+    indices never used (validation mosaics leave out the training mosaics' items).
     """
     from PIL import Image
 
     images, labels = load_split(split, source_root)
-    by_class = [np.flatnonzero(labels == k) for k in range(len(structure.classes))]
+    usable = np.ones(len(labels), dtype=bool)
+    usable[np.asarray(list(exclude_items), dtype=np.int64)] = False
+    by_class = [np.flatnonzero((labels == k) & usable) for k in range(len(structure.classes))]
     rng = np.random.default_rng(seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths, label_sets, styles = [], [], []
+    paths, label_sets, styles, used = [], [], [], []
     for i in range(count):
         style, classes = structure.draw(rng)
-        items = [images[rng.choice(by_class[k])] for k in classes]
-        pixels = mosaic(items, rng)
+        chosen = [int(rng.choice(by_class[k])) for k in classes]
+        pixels = mosaic([images[j] for j in chosen], rng)
         path = out_dir / f"{split}-{i:05d}.png"
         _write_png_if_changed(Image.fromarray(pixels, mode="L"), path)
         paths.append(path)
         label_sets.append([structure.classes[k] for k in classes])
         styles.append(style)
-    return MosaicSet(paths, label_sets, styles)
+        used.append(chosen)
+    return MosaicSet(paths, label_sets, styles, used)
 
 
 def _write_png_if_changed(image, path: Path) -> None:

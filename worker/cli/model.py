@@ -183,13 +183,16 @@ def eval_cmd(export_path, model_dir, labels, label_config, images_root, taxonomy
               help="Insert the table into README.md (model section) when run from the source tree.")
 @click.option("--settings", "settings_filter", default="single,partial", show_default=True,
               help="Label settings to run (single, partial).")
-def bench_cmd(out_dir, train_images, test_images, readme, settings_filter):
+@click.option("--split", type=click.Choice(["test", "validation"]), default="test", show_default=True,
+              help="Score on the test images, or on complete-label validation mosaics of training-file items "
+                   "(where defaults are chosen; never written into README.md).")
+def bench_cmd(out_dir, train_images, test_images, readme, settings_filter, split):
     """Fashion-MNIST outfit benchmark: every method, single-positive and partial labels."""
     from worker.bench.bench import run_bench
 
     modes = [m.strip() for m in settings_filter.split(",") if m.strip()]
     result = run_bench(out_dir, train_images=train_images, test_images=test_images, modes=modes,
-                       update_readme=readme)
+                       update_readme=readme, split=split)
     click.echo(result["markdown"])
     click.echo(f"report: {out_dir / 'bench.json'}, {out_dir / 'bench.md'}", err=True)
 
