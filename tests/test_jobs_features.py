@@ -25,7 +25,15 @@ def test_tasks_created_prefetches_features_on_the_cpu_queue(redis_url, redis_con
     tasks.append({"id": 99, "data": {"image": str(REPO / "no-such-image.png")}})
     result = record_webhook(redis_conn, {"action": "TASKS_CREATED", "project": {"id": 5}, "tasks": tasks}, settings)
     assert result.stored == 0 and not result.ignored
-    (job,) = queue(redis_conn, "cpu").jobs
+    # A project whose label config binds the image to `photo`: its other keys are not images
+    # (`url` would be the guess without the config).
+    xml = ('<View><Image name="img" value="$photo"/><Choices name="label" toName="img" choice="multiple">'
+           '<Choice value="a"/><Choice value="b"/></Choices></View>')
+    first = next(iter(sample_images.values()))
+    bound = [{"id": 1, "data": {"photo": str(first), "url": "https://example.org/page", "note": "text"}}]
+    record_webhook(redis_conn, {"action": "TASKS_CREATED", "project": {"id": 6, "label_config": xml},
+                                "tasks": bound}, settings)
+    job, bound_job = queue(redis_conn, "cpu").jobs
     proc = run_cli("worker", "--burst", "--queue", "cpu", env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     job = fetch_job(redis_conn, job.id)
@@ -34,6 +42,9 @@ def test_tasks_created_prefetches_features_on_the_cpu_queue(redis_url, redis_con
     assert out["images"] == len(tasks) and out["errors"] == 1
     assert out["computed"] + out["cached"] == len(sample_images)
     assert len(job.meta["errors"]) == 1 and "no-such-image.png" in job.meta["errors"][0]
+    assert out["image_field"] is None  # project 5's webhooks sent no label config: the usual keys
+    bound_out = fetch_job(redis_conn, bound_job.id).return_value()
+    assert bound_out["image_field"] == "photo" and bound_out["images"] == 1 and bound_out["errors"] == 0
     # The trainer's runtime (same cache) now finds every image's features without encoding.
     hits = runtime.features.hits
     feats = runtime.features_for([str(p) for p in sample_images.values()])

@@ -3,42 +3,67 @@ feature cache, so the next training encodes nothing."""
 
 from __future__ import annotations
 
+import logging
+
 from backend.errors import SemlabelError
-from backend.settings import get_settings
+from backend.settings import Settings, get_settings
 
 from .progress import Progress
 from .runtime import runtime
 
+log = logging.getLogger(__name__)
+
 
 def extract_features(project: str | int, tasks: list[dict]) -> dict:
-    """``cpu`` queue: compute newly imported tasks' features into the shared feature cache."""
+    """``cpu`` queue: compute newly imported tasks' features into the shared feature cache.
+
+    The image of a task is the data key the project's label config binds the ``<Image>`` to
+    (as webhooks stored it); without a stored config, the usual keys (``image``, ``img``,
+    ``url``, ``image_url``) or the task's only string value."""
     from rq import get_current_job
 
     settings = get_settings()
-    progress = Progress(get_current_job())
+    job = get_current_job()
+    progress = Progress(job)
     rt = runtime(settings)
+    field = image_field(job.connection, project, settings) if job is not None else None
     sources, ids = [], []
     for task in tasks:
-        source = _task_image(task)
+        source = task_image_source(task, field)
         if source:
             sources.append(source)
             ids.append(task.get("id"))
-    progress("features", tasks=len(tasks), images=len(sources))
+    progress("features", tasks=len(tasks), images=len(sources), image_field=field)
     feats = rt.features_for(sources, ids, progress=False) if sources else []
     errors = [str(f) for f in feats if isinstance(f, SemlabelError)]
     progress("done", computed=rt.features.computed, cached=rt.features.hits, errors=errors[:20])
     return {"project": str(project), "images": len(sources), "errors": len(errors),
-            "computed": rt.features.computed, "cached": rt.features.hits}
+            "computed": rt.features.computed, "cached": rt.features.hits, "image_field": field}
 
 
-def _task_image(task: dict) -> str | None:
-    data = task.get("data") or {}
+def image_field(redis, project: str | int, settings: Settings) -> str | None:
+    """The task data key of the project's ``<Image>`` (from the label config webhooks
+    stored), or None when no usable config is stored."""
+    from backend.queue.eventlog import project_info
+    from worker.training.data import label_config_binding
+
+    xml = project_info(redis, project, settings).get("label_config")
+    if not xml:
+        return None
     try:
-        from worker.training.data import task_image
+        return label_config_binding(xml).data_key
+    except SemlabelError as exc:
+        log.warning("project %s: stored label config not usable for features (%s); guessing the image key",
+                    project, exc)
+        return None
 
-        return task_image(task)
-    except Exception:  # noqa: BLE001 - fall back to the first string value that looks like an image
-        for value in data.values():
-            if isinstance(value, str) and value:
-                return value
-    return None
+
+def task_image_source(task: dict, field: str | None) -> str | None:
+    """The image reference of ``task``: ``data[field]`` when the field is known, else
+    :func:`worker.training.data.task_image`'s choice."""
+    from worker.training.data import task_image
+
+    if field is not None:
+        value = (task.get("data") or {}).get(field)
+        return value if isinstance(value, str) and value else None
+    return task_image(task)
