@@ -24,6 +24,7 @@ from gunicorn.workers.gthread import ThreadWorker
 from ..errors import ConfigError
 from ..net import free_port, is_loopback
 
+
 def check_bind(host: str, *, insecure: bool = False) -> str | None:
     """ConfigError when serving on ``host`` would expose an unauthenticated backend (or the
     credentials are half set); with ``insecure``, the warning to print instead."""

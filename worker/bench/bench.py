@@ -4,9 +4,10 @@
    ``configs/bench/fashion_outfits.yaml``) and writes them as PNG files plus Label Studio
    exports into the output directory: ``train_single.json`` (one positive per image),
    ``train_partial.json`` (each true label kept with probability ``bench.partial_keep``, at
-   least one), ``test.json`` (complete labels; ``--split validation``: ``validation.json``,
-   complete-label mosaics of training-file items no training mosaic uses) and ``label_config.xml``. Image references are
-   Label Studio local-storage URLs (``/data/local-files/?d=images/...``).
+   least one), ``test.json`` (complete labels; with ``--split validation`` ``validation.json``
+   instead: complete-label mosaics of training-file items no training mosaic uses) and
+   ``label_config.xml``. Image references are Label Studio local-storage URLs
+   (``/data/local-files/?d=images/...``).
 2. Reads the exports back through :mod:`worker.training.data` and gets features through the
    FeatureStore (cached: a second run computes nothing), with the packaged backbone at
    ``bench.class_temperature``.
@@ -70,7 +71,8 @@ def _local_files_url(rel: str) -> str:
 
 #: ``--split``: where the complete-label evaluation images come from — (Fashion-MNIST file,
 #: image folder under the output directory, export name)
-EVAL_SPLITS = {"test": ("test", "images", "test.json"), "validation": ("train", "images/validation", "validation.json")}
+EVAL_SPLITS = {"test": ("test", "images", "test.json"),
+               "validation": ("train", "images/validation", "validation.json")}
 
 
 def build_data(out: Path, settings: Settings, train_images: int, test_images: int, split: str = "test") -> dict:

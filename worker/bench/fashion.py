@@ -159,6 +159,9 @@ def build_mosaics(
     usable = np.ones(len(labels), dtype=bool)
     usable[np.asarray(list(exclude_items), dtype=np.int64)] = False
     by_class = [np.flatnonzero((labels == k) & usable) for k in range(len(structure.classes))]
+    empty = [structure.classes[k] for k, items in enumerate(by_class) if len(items) == 0]
+    if empty:
+        raise ConfigError(f"{split}: no item of {', '.join(empty)} is left to build mosaics from")
     rng = np.random.default_rng(seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

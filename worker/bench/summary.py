@@ -98,8 +98,7 @@ def _table_lines(payload: dict) -> list[str]:
     for mode, res in payload["results"].items():
         lines.append(f"\n**{SETTING_TITLES[mode]}** — {payload['data']['train_images']} training images, "
                      f"{payload['data']['test_images']} fully labelled {payload['data'].get('split', 'test')} images; "
-                     f"mean (± sd of mAP) over "
-                     f"training seeds {', '.join(map(str, seeds))}\n")
+                     f"mean (± sd of mAP) over training seeds {', '.join(map(str, seeds))}\n")
         lines.append(f"| method | mAP | micro-F1 | F1@3 | edit cost / task (× blank) | ECE | "
                      f"recall@{k} of hidden positives | train s |")
         lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
