@@ -97,8 +97,11 @@ def test_production_compose_file_validates_and_wires_the_stack():
 
 @needs_compose
 def test_compose_refuses_to_start_without_a_redis_password():
-    proc = _config("compose.yaml", {})
+    # Every other required variable set: compose names one missing variable, in no fixed order.
+    proc = _config("compose.yaml", {"BASIC_AUTH_USER": "u", "BASIC_AUTH_PASS": "p"})
     assert proc.returncode != 0 and "set REDIS_PASSWORD" in proc.stderr
+    proc = _config("compose.yaml", {"REDIS_PASSWORD": "s3cret", "BASIC_AUTH_USER": "u"})
+    assert proc.returncode != 0 and "set BASIC_AUTH_PASS" in proc.stderr
 
 
 @needs_compose
