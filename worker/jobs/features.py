@@ -17,10 +17,12 @@ log = logging.getLogger(__name__)
 def extract_features(project: str | int, tasks: list[dict]) -> dict:
     """``cpu`` queue: compute newly imported tasks' features into the shared feature cache.
 
-    The image of a task is the data key the project's label config binds the ``<Image>`` to
-    (as webhooks stored it); without a stored config, the usual keys (``image``, ``img``,
-    ``url``, ``image_url``) or the task's only string value."""
+    The image of a task is found as training finds it (:func:`worker.training.data.task_image`):
+    the data key the project's label config binds the ``<Image>`` to (as webhooks stored it),
+    else the usual keys (``image``, ``img``, ``url``, ``image_url``) or the task's only string."""
     from rq import get_current_job
+
+    from worker.training.data import task_image
 
     settings = get_settings()
     job = get_current_job()
@@ -29,7 +31,7 @@ def extract_features(project: str | int, tasks: list[dict]) -> dict:
     field = image_field(job.connection, project, settings) if job is not None else None
     sources, ids = [], []
     for task in tasks:
-        source = task_image_source(task, field)
+        source = task_image(task, field)  # the rule training reads images by
         if source:
             sources.append(source)
             ids.append(task.get("id"))
@@ -57,13 +59,3 @@ def image_field(redis, project: str | int, settings: Settings) -> str | None:
                     project, exc)
         return None
 
-
-def task_image_source(task: dict, field: str | None) -> str | None:
-    """The image reference of ``task``: ``data[field]`` when the field is known, else
-    :func:`worker.training.data.task_image`'s choice."""
-    from worker.training.data import task_image
-
-    if field is not None:
-        value = (task.get("data") or {}).get(field)
-        return value if isinstance(value, str) and value else None
-    return task_image(task)
